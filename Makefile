@@ -1,0 +1,72 @@
+# edgecnn front door. `make export ARCH=mobilenet_v3 TARGET=onnx` and `make test` are all the set-up:
+# the first use creates .venv and installs everything into it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+ARCH ?= mobilenet_v3
+TARGET ?= onnx
+PRECISION ?=
+WEIGHTS ?= auto
+CALIB ?=
+OUT ?= artefacts
+DIR ?=
+EXTRA ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install export validate verify list test test-all bench clean data
+
+help:
+	@echo "make export ARCH=mobilenet_v3 TARGET=onnx|trt|coreml PRECISION=fp32|fp16|int8 [CALIB=<folder>] [WEIGHTS=auto|imagenet|none|<file>] [OUT=artefacts]"
+	@echo "make validate DIR=<artefact folder>   make verify DIR=<artefact folder>   make list"
+	@echo "make test (default suite)   make test-all (adds slow cases)   make bench   make clean"
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision first, from the wheels this machine serves (a CPU/CUDA build lies on its disk)
+	$(PY) -m pip install -q "torch>=2.4" "torchvision>=0.19"
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+export: $(STAMP)
+	$(PY) -m edgecnn export "$(ARCH)" --target "$(TARGET)" $(if $(PRECISION),--precision "$(PRECISION)") \
+		--weights "$(WEIGHTS)" $(if $(CALIB),--calib "$(CALIB)") --out "$(OUT)" $(EXTRA)
+
+validate: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make validate DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
+	$(PY) -m edgecnn validate "$(DIR)"
+
+verify: $(STAMP)
+	@test -n "$(DIR)" || { echo "usage: make verify DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
+	$(PY) -m edgecnn verify "$(DIR)"
+
+list: $(STAMP)
+	$(PY) -m edgecnn list
+
+# Fashion-MNIST (MIT, Debian package) for the trained-weight tests; tests skip with a reason without it.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+			 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
+			 || echo "note: could not install dataset-fashion-mnist; its tests will be skipped"; \
+		else echo "note: not root or no apt-get: Fashion-MNIST tests will be skipped"; fi; \
+	fi
+
+test: $(STAMP) data
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP) data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf artefacts reports .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,120 @@
+"""Decode one image file and turn it into a model input, with PIL and NumPy only.
+
+Only PIL + NumPy so the same code runs on a Jetson (no torch there). Decoding is defensive because
+calibration folders come from the field: EXIF-rotated phone photos, CMYK JPEGs, 16-bit PNGs,
+palette/alpha images and animated GIFs must all come out as the RGB (or grey) picture a person sees.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .errors import BadImageError
+from .spec import InputSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+MAX_PIXELS = 50_000_000  # a "huge" image beyond this is refused rather than exhausting memory
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def _to_8bit_rgb_or_grey(img: Image.Image, color: str) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB or L the way a viewer would show it."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale the full range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else arr * 0
+        img = Image.fromarray((arr * 255 + 0.5).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white, as browsers and photo viewers do.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB" if color == "RGB" else "L")
+
+
+def load_image(path: str | os.PathLike, color: str = "RGB") -> Image.Image:
+    """Read ``path`` as an upright 8-bit RGB (or L) image; raise BadImageError naming the path."""
+    path = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadImageError(
+                        f"{path}: image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel limit",
+                        hint="downscale it or leave it out of the calibration set", path=path)
+                img.seek(0)  # animated GIF/WebP: the first frame
+                img.load()
+                img = ImageOps.exif_transpose(img)  # phone photos: honour the EXIF orientation
+                return _to_8bit_rgb_or_grey(img, color)
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise BadImageError(f"{path}: image too large ({exc})", path=path) from None
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file not found", path=path) from None
+    except PermissionError:
+        raise BadImageError(f"{path}: permission denied", hint="make it readable", path=path) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else str(exc) or type(exc).__name__
+        raise BadImageError(f"{path}: cannot decode image ({reason})", path=path) from None
+
+
+def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
+    """The geometric part of ``spec``: resize the shorter side, then centre-crop (still 8-bit pixels)."""
+    img = img.convert("RGB" if spec.color == "RGB" else "L")
+    w, h = img.size
+    short = min(w, h)
+    if short != spec.resize:
+        ratio = spec.resize / short
+        img = img.resize((max(1, round(w * ratio)), max(1, round(h * ratio))), _RESAMPLE[spec.interpolation])
+    w, h = img.size
+    if w < spec.width or h < spec.height:  # crop larger than the resized image: scale up to fit
+        ratio = max(spec.width / w, spec.height / h)
+        img = img.resize((max(spec.width, round(w * ratio)), max(spec.height, round(h * ratio))),
+                         _RESAMPLE[spec.interpolation])
+        w, h = img.size
+    left = int(round((w - spec.width) / 2.0))
+    top = int(round((h - spec.height) / 2.0))
+    return img.crop((left, top, left + spec.width, top + spec.height))
+
+
+def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """8-bit pixels (H×W×C or H×W, or N×H×W×C) -> float32 (N×)C×H×W in model space."""
+    arr = np.asarray(pixels, dtype=np.float32) * np.float32(spec.scale)
+    batched = arr.ndim == 4 or (arr.ndim == 3 and spec.channels == 1 and arr.shape[-1] != 1)
+    if not batched:
+        arr = arr[None]
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    arr = arr.transpose(0, 3, 1, 2)
+    mean = np.asarray(spec.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[None, :, None, None]
+    out = np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+    return out if batched else out[0]
+
+
+def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resized and cropped 8-bit pixels, H×W×C (C=1 for grey)."""
+    arr = np.asarray(resize_crop(img, spec), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def preprocess_pil(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Apply ``spec`` (resize shorter side, centre-crop, scale, normalise) -> float32 CHW array."""
+    return normalize(to_pixels(img, spec), spec)
+
+
+def preprocess_file(path: str | os.PathLike, spec: InputSpec) -> np.ndarray:
+    return preprocess_pil(load_image(path, spec.color), spec)

