@@ -6,6 +6,7 @@ Every expected failure prints one line (what, where, what to do) and exits with 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -135,10 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--json", action="store_true")
     f = sub.add_parser("verify", help="check an artefact's files against its manifest's sha256")
     f.add_argument("dirs", nargs="+")
+    for module_name in COMMAND_MODULES:
+        # Each feature module adds its own subcommands: register(sub) -> {name: handler(args) -> exit code}
+        COMMANDS.update(importlib.import_module(module_name).register(sub))
     return parser
 
 
 COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list, "verify": _cmd_verify}
+# Modules that contribute subcommands (one line each; keep sorted).
+COMMAND_MODULES: List[str] = []
 
 
 def _raise_interrupt(signum, frame):
