@@ -171,8 +171,37 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = convert_float_to_float16(model, keep_io_types=True)
-    onnx.checker.check_model(half)
+    # The converter appends its input/output Cast nodes at the end of the node list; onnx.checker
+    # and TensorRT want nodes in topological order.
+    toposort(half.graph)
+    try:
+        onnx.checker.check_model(half, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"FP16 conversion produced an invalid model: {_first_line(exc)}") from exc
     onnx.save(half, os.fspath(dst))
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` topologically, in place (stable: keeps the original order where free)."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progressed = []
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                progressed.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if not progressed:
+            raise ExportError(f"graph has a cycle or a dangling input near node {rest[0].name!r}")
+        ordered.extend(progressed)
+        pending = rest
+    copies = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _first_line(exc: BaseException) -> str:
