@@ -26,7 +26,7 @@ from . import artefact, targets, weights as weights_mod, zoo
 from .errors import GateFailed, InputError, ToolchainError, UsageError
 from .progress import Progress
 from .targets import BuildContext, ExportOptions
-from .validate import REFERENCE_FILE, check_parity, measure_latency, torch_reference
+from .validate import REFERENCE_FILE, check_parity, fp32_noise_floor, measure_latency, torch_reference
 from .versions import edgecnn_version, toolchain
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                 else:
                     say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
-                                          min_agreement=options.int8_min_agreement)
+                                          min_agreement=options.int8_min_agreement,
+                                          noise_floor=lambda: fp32_noise_floor(model, eval_inputs, reference))
                     manifest["parity"] = parity.to_dict()
                     if not parity.passed:
                         status = "failed"

@@ -28,11 +28,36 @@ def torch_reference(model, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
         return run_batched(lambda x: model(torch.from_numpy(np.ascontiguousarray(x))).numpy(), inputs, batch)
 
 
+def fp32_noise_floor(model, inputs: np.ndarray, reference: np.ndarray, limit: int = 8) -> float:
+    """Relative error of PyTorch FP32 against the same model in FP64, on the first ``limit`` inputs.
+
+    The irreducible FP32 rounding noise of this net on these inputs: an FP32 artefact cannot be asked
+    to match the FP32 reference more closely than the reference matches the exact result.
+    """
+    import copy
+
+    import torch
+
+    m64 = copy.deepcopy(model).double().eval()
+    x = torch.from_numpy(np.ascontiguousarray(inputs[:limit])).double()
+    with torch.no_grad():
+        exact = m64(x).numpy()
+    ref = np.asarray(reference[:limit], dtype=np.float64)
+    return float(np.abs(ref - exact).max() / (np.abs(exact).max() or 1.0))
+
+
 def check_parity(runner, inputs: np.ndarray, reference: np.ndarray, precision: str, *, trained: bool,
-                 labels: Optional[Sequence[int]] = None, min_agreement: float = 0.99, batch: int = 16) -> Parity:
+                 labels: Optional[Sequence[int]] = None, min_agreement: float = 0.99, batch: int = 16,
+                 noise_floor=None) -> Parity:
+    """Run, compare, gate. ``noise_floor``: a float, or a callable computing it, used only when an FP32
+    artefact misses the plain 1e-4 bar (see ``metrics.fp32_threshold``)."""
     outputs = run_batched(runner.run, inputs, batch)
-    return apply_gate(compare(reference, outputs, labels=labels), precision, trained=trained,
-                      min_agreement=min_agreement)
+    parity = apply_gate(compare(reference, outputs, labels=labels), precision, trained=trained,
+                        min_agreement=min_agreement)
+    if precision == "fp32" and not parity.passed and not parity.nonfinite and noise_floor is not None:
+        parity.fp32_noise_floor = noise_floor() if callable(noise_floor) else float(noise_floor)
+        parity = apply_gate(parity, precision, trained=trained, min_agreement=min_agreement)
+    return parity
 
 
 def measure_latency(runner, input_shape: Sequence[int], *, throughput_batch: int = 8, seed: int = 0,
@@ -49,4 +74,4 @@ def measure_latency(runner, input_shape: Sequence[int], *, throughput_batch: int
 
 
 __all__ = ["Parity", "Latency", "apply_gate", "compare", "check_parity", "measure_latency", "torch_reference",
-           "run_batched", "machine_description", "REFERENCE_FILE"]
+           "run_batched", "machine_description", "fp32_noise_floor", "REFERENCE_FILE"]

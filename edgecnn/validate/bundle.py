@@ -28,7 +28,8 @@ def validate_bundle(root: str | Path, *, threads: int = 1, latency: bool = True,
     if runner is None:
         return {"status": "pending", "reason": tgt.runtime_unavailable_reason(manifest)}
     parity = check_parity(runner, inputs, reference, manifest["precision"], trained=manifest["weights"]["pretrained"],
-                          min_agreement=min_agreement)
+                          min_agreement=min_agreement,
+                          noise_floor=(manifest.get("parity") or {}).get("fp32_noise_floor"))
     result = {"status": "validated" if parity.passed else "failed", "parity": parity.to_dict(),
               "runtime": runner.describe()}
     if latency and parity.passed:

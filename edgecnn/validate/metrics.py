@@ -31,6 +31,7 @@ class Parity:
     top5_overlap: float           # mean |top5(out) ∩ top5(ref)| / 5
     ref_top1_in_top5: float       # share of samples whose reference top-1 is in the artefact's top-5
     nonfinite: int = 0            # NaN/Inf values in the artefact's output
+    fp32_noise_floor: Optional[float] = None  # torch FP32 vs torch FP64 relative error on the same inputs
     ref_accuracy: Optional[float] = None
     accuracy: Optional[float] = None
     gate: str = ""
@@ -78,6 +79,17 @@ def compare(ref: np.ndarray, out: np.ndarray, *, labels: Optional[Sequence[int]]
     return p
 
 
+def fp32_threshold(noise_floor: Optional[float]) -> float:
+    """FP32 bar: 1e-4 relative, or twice PyTorch's own FP32 rounding error when the net is worse conditioned.
+
+    Measured: a random-init EfficientNet-B1 with re-estimated BatchNorm differs from its own FP64 run by
+    3.1e-4 relative in torch FP32, while onnxruntime is *closer* to FP64 (1.6e-4) — yet 4.6e-4 from torch
+    FP32. Holding the artefact to 1e-4 of a reference that is itself only 3e-4 right would fail correct
+    exports; the bar is therefore relative to the reference's own noise when that noise is larger.
+    """
+    return max(FP32_MAX_REL_ERROR, 2.0 * noise_floor) if noise_floor else FP32_MAX_REL_ERROR
+
+
 def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float = INT8_MIN_AGREEMENT) -> Parity:
     """Set ``gate``/``passed``/``reason`` for ``precision`` (fp32, fp16, int8, int8-weights)."""
     p.judged_on = "trained weights" if trained else "random-init weights: structure and SQNR only"
@@ -86,8 +98,10 @@ def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float
         p.reason = f"{p.nonfinite} NaN/Inf values in the artefact's output"
         return p
     if precision == "fp32":
-        p.gate = f"max relative error <= {FP32_MAX_REL_ERROR:g}"
-        p.passed = p.max_rel_error <= FP32_MAX_REL_ERROR
+        limit = fp32_threshold(p.fp32_noise_floor)
+        p.gate = f"max relative error <= {limit:.3g}" + (
+            f" (2x PyTorch's own FP32 error vs FP64, {p.fp32_noise_floor:.2g})" if limit > FP32_MAX_REL_ERROR else "")
+        p.passed = p.max_rel_error <= limit
     elif precision == "fp16":
         p.gate = f"cosine >= {FP16_MIN_COSINE}"
         p.passed = p.min_cosine >= FP16_MIN_COSINE
