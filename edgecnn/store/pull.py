@@ -77,7 +77,8 @@ def pull_entry(store: Store, entry: dict, *, to: str | os.PathLike = "artefacts"
                     manifest = artefact.verify(stage.path)
                     _check_identity(manifest, entry, label)
                 except IntegrityError as exc:
-                    raise IntegrityError(f"{label}: {exc.message}",
+                    what = exc.message.replace(f"{stage.path}: ", "the archive's files do not match its manifest: ")
+                    raise IntegrityError(f"{label}: {what}",
                                          hint=f"the download was deleted and nothing was written to {final}") from None
                 stage.commit()
             finally:
@@ -113,8 +114,9 @@ def _download(store: Store, entry: dict, dest: Path, label: str, quiet: bool) ->
             Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                      TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False) as bar:
         task = bar.add_task(f"pull {label}", total=size or entry.get("bytes"))
+        read = getattr(src, "read1", src.read)   # read1: whatever has arrived, so the bar moves on slow links
         while True:
-            block = src.read(CHUNK)
+            block = read(CHUNK)
             if not block:
                 break
             h.update(block)
