@@ -91,7 +91,7 @@ def _cmd_pull(args) -> int:
             raise UsageError("--lock pulls exactly what the lock file pins",
                              hint="leave out ARCH, --version and --write-lock")
         lock = lockfile.read(args.lock)
-        store = open_store(args.store or lock.get("store"), endpoint_url=args.s3_endpoint)
+        store = open_store(args.store or lockfile.store_of(lock, args.lock), endpoint_url=args.s3_endpoint)
         index = store.read_index()
         for pin in lock["artefacts"]:
             entry = idx.resolve(index, pin["arch"], pin["target"], pin["precision"], pin["version"], where=store.url)

@@ -98,3 +98,22 @@ def test_versions_order_and_next():
     for bad in ("", "../x", "a/b", "-1", "x" * 65):
         with pytest.raises(Exception, match="invalid version"):
             idx.check_version(bad)
+
+
+def test_nested_files_round_trip_and_links_in_a_bundle_are_refused(onnx_bundle, tmp_path):
+    # Core ML bundles hold a .mlpackage folder tree: nested files must survive packing and extraction
+    nested = onnx_bundle / "model.mlpackage" / "Data" / "com.apple.CoreML"
+    nested.mkdir(parents=True)
+    (nested / "model.mlmodel").write_bytes(b"\x08\x09" * 100)
+    artefact.write_manifest(onnx_bundle, artefact.read_manifest(onnx_bundle))
+    archive.pack(onnx_bundle, tmp_path / "a.tar.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    archive.safe_extract(tmp_path / "a.tar.gz", out)
+    assert artefact.verify(out)["files"]["model.mlpackage/Data/com.apple.CoreML/model.mlmodel"]["bytes"] == 200
+    # a symbolic link inside a bundle would be packed as the file it points to: refused instead
+    (tmp_path / "outside.txt").write_text("secret\n")
+    (onnx_bundle / "model.mlpackage" / "Data" / "link.txt").symlink_to(tmp_path / "outside.txt")
+    artefact.write_manifest(onnx_bundle, artefact.read_manifest(onnx_bundle))
+    with pytest.raises(IntegrityError, match="link.txt is \\(inside\\) a symbolic link"):
+        archive.pack(onnx_bundle, tmp_path / "b.tar.gz")

@@ -98,7 +98,10 @@ def test_default_pull_takes_latest_validated_and_lock_pins_it(bundles, tmp_path,
     # pin version 1 instead, then a CI-style pull from the lock file alone
     code, out, _ = run(capsys, "lock", "add", "lenet5", "--version", "1", "--from", store, "--lock", "app.lock")
     assert code == 0 and "version 1" in out
-    code, out, err = run(capsys, "pull", "--lock", "app.lock", "--to", "ci", "-q")
+    assert json.loads((tmp_path / "app.lock").read_text())["store"] == "store"   # relative to the lock file
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")                                      # CI may run from anywhere
+    code, out, err = run(capsys, "pull", "--lock", str(tmp_path / "app.lock"), "--to", str(tmp_path / "ci"), "-q")
     assert code == 0, err
     got = artefact.bundle_dir(tmp_path / "ci", "lenet5", "onnx", "fp32")
     assert (got / "labels.txt").read_bytes() == (bundle / "labels.txt").read_bytes()   # v1, not v2

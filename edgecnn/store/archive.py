@@ -43,6 +43,9 @@ def pack(bundle: str | os.PathLike, dest: str | os.PathLike) -> dict:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for rel in names:
                     path = bundle / rel
+                    if any(p.is_symlink() for p in [path, *path.parents][: rel.count("/") + 1]):
+                        raise IntegrityError(f"{bundle}: {rel} is (inside) a symbolic link",
+                                             hint="bundles hold plain files only; copy the file into the bundle")
                     st = path.stat()
                     info = tarfile.TarInfo(rel)
                     info.size = st.st_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Optional
 
@@ -51,15 +52,35 @@ def empty(store: Optional[str] = None) -> dict:
 def add(path: str | os.PathLike, entry: dict, store: Optional[str] = None) -> dict:
     """Pin ``entry`` (an index entry) in the lock file, replacing the same arch/target/precision."""
     path = Path(path)
-    lock = read(path) if path.exists() else empty(store)
+    lock = read(path) if path.exists() else empty()
     if store and not lock.get("store"):
-        lock["store"] = store
+        lock["store"] = _relative_to_lock(store, path)
     pinned = {k: entry[k] for k in FIELDS}
     pinned["status"] = entry.get("status", "")
     rest = [e for e in lock["artefacts"] if idx.key_of(e) != idx.key_of(pinned)]
     lock["artefacts"] = sorted(rest + [pinned], key=idx.key_of)
     write(path, lock)
     return lock
+
+
+def _is_local(store: str) -> bool:
+    scheme = urllib.parse.urlparse(store).scheme
+    return not scheme or len(scheme) == 1   # no scheme (or a Windows drive letter)
+
+
+def _relative_to_lock(store: str, lock_path: Path) -> str:
+    """A folder store is recorded relative to the lock file, so the project can move and CI can run anywhere."""
+    if not _is_local(store):
+        return store
+    return os.path.relpath(os.path.abspath(store), os.path.abspath(lock_path.parent))
+
+
+def store_of(lock: dict, lock_path: str | os.PathLike) -> Optional[str]:
+    """The lock file's store as an address usable from the current folder."""
+    store = lock.get("store")
+    if not store or not _is_local(store) or os.path.isabs(store):
+        return store
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(lock_path)), store))
 
 
 def write(path: str | os.PathLike, lock: dict) -> None:
