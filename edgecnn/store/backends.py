@@ -57,9 +57,6 @@ class Store:
         raise UsageError(f"{self.url} is a read-only {self.kind} store",
                          hint="publish to a local folder or an s3:// store, then serve that folder over HTTP")
 
-    def has(self, name: str) -> bool:
-        raise NotImplementedError
-
     def put(self, local: Path, name: str) -> None:
         raise UsageError(f"{self.url} is a read-only {self.kind} store")
 
@@ -114,9 +111,6 @@ class LocalStore(Store):
                 return current
             self._write_atomic(idx.dump(new), path)
             return new
-
-    def has(self, name: str) -> bool:
-        return (self.root / name).is_file()
 
     def put(self, local: Path, name: str) -> None:
         self._mkroot()
@@ -199,9 +193,6 @@ class HttpStore(Store):
         with resp:
             return resp.read()
 
-    def has(self, name: str) -> bool:
-        return True  # not asked of a read-only store
-
     @contextlib.contextmanager
     def open(self, name: str):
         resp = self._get(name)
@@ -283,10 +274,6 @@ class S3Store(Store):
             time.sleep(0.2 * (attempt + 1))  # another publisher won the race: re-read and try again
         raise OutputError(f"{where} kept changing while publishing ({S3_INDEX_ATTEMPTS} conditional writes refused)",
                           hint="another publisher is busy on this store; try again in a moment")
-
-    def has(self, name: str) -> bool:
-        with self._errors(f"looking for {name}"):
-            return self.fs.exists(self._path(name))
 
     def put(self, local: Path, name: str) -> None:
         with self._errors(f"uploading {name}", writing=True):

@@ -7,7 +7,6 @@ conditional write for S3), so two publishers racing for one version cannot both 
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -104,7 +103,3 @@ def _clash(existing: list, version: str, sha: str, bundle: Path) -> Optional[dic
                              f"versions are immutable",
                              hint="publish it under a new --version (or leave --version out to take the next one)")
     return None
-
-
-def describe_entry(e: dict) -> str:
-    return json.dumps(e, indent=2, sort_keys=True)
