@@ -139,7 +139,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
                                           min_agreement=options.int8_min_agreement,
-                                          noise_floor=lambda: fp32_noise_floor(model, eval_inputs, reference))
+                                          noise_floor=lambda idx: fp32_noise_floor(model, eval_inputs, reference, idx))
                     manifest["parity"] = parity.to_dict()
                     if not parity.passed:
                         status = "failed"
