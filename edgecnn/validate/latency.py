@@ -5,6 +5,7 @@ Time-boxed rather than count-boxed, because these machines are shared: at least 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -47,6 +48,27 @@ def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs
     return Latency(batch=batch, runs=len(a), p50_ms=p50, p90_ms=float(np.percentile(a, 90)),
                    p99_ms=float(np.percentile(a, 99)), mean_ms=float(a.mean()), min_ms=float(a.min()),
                    throughput_ips=batch / (p50 / 1000.0) if p50 > 0 else 0.0)
+
+
+@contextlib.contextmanager
+def exclusive_timing():
+    """Hold an exclusive lock on the file named by ``EDGECNN_LATENCY_LOCK`` (if set) while timing.
+
+    ``edgecnn matrix`` runs several exports at once; with this, no two of them time their models at the
+    same moment (each would slow the other down). Unset (a plain ``edgecnn export``): no lock.
+    """
+    path = os.environ.get("EDGECNN_LATENCY_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def machine_description() -> dict:
