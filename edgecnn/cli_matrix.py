@@ -38,6 +38,8 @@ def register(sub) -> dict:
                    help="cap on the summed memory estimates of running cells (default: what is free)")
     p.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell is stopped (0 = none)")
     p.add_argument("--force", action="store_true", help="rebuild every cell, even unchanged ones")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rebuild failed cells too (by default a failure with unchanged inputs is reused)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when any cell failed, scored or not")
     p.add_argument("--sensitivity-arch", default=None, help="arch whose per-layer INT8 sensitivity is plotted "
                                                             "(default: the first INT8 cell that has one)")
@@ -72,7 +74,7 @@ def _cmd_matrix(args) -> int:
                        precisions=args.precisions or DEFAULT_PRECISIONS, weights=args.weights, calib=args.calib,
                        out=args.out, options=options, strict_calib=args.strict_calib, jobs=args.jobs,
                        mem_budget_mb=args.mem_budget_gb * 1024 if args.mem_budget_gb else None,
-                       cell_timeout=args.cell_timeout, force=args.force,
+                       cell_timeout=args.cell_timeout, force=args.force, retry_failed=args.retry_failed,
                        report_dir=None if args.no_report else args.report_dir,
                        scorecard=None if args.no_scorecard else args.scorecard,
                        update_scorecard=args.update_scorecard, sensitivity_arch=args.sensitivity_arch,

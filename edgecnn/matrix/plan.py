@@ -76,8 +76,9 @@ def expand(archs: Sequence[str], target_names: Sequence[str], precisions: Sequen
             try:
                 tgt = targets.get(tname)
                 target_name, target_error = tgt.name, None
-            except UsageError as exc:
-                tgt, target_name, target_error = None, tname.strip().lower(), exc
+            except UsageError as exc:   # unknown, or known but not built in this version: the cell shows why
+                key = tname.strip().lower()
+                tgt, target_name, target_error = None, getattr(targets, "_ALIASES", {}).get(key, key), exc
             for precision in precisions:
                 p = precision.strip().lower()
                 error = arch_error or target_error
@@ -155,7 +156,8 @@ def _sha_for(path: str, size: int, mtime_ns: int) -> str:
 @lru_cache(maxsize=None)
 def code_fingerprint() -> str:
     """sha256 over the source of everything that shapes an artefact: the ``calibration`` and ``exporters``
-    packages and ``edgecnn`` itself, except the matrix/report/CLI modules (they cannot change a bundle)."""
+    packages and ``edgecnn`` itself, except the matrix/report/CLI modules (they cannot change a bundle) —
+    but with the matrix's worker, which sets up the process the export runs in."""
     import calibration
     import exporters
 
@@ -166,7 +168,7 @@ def code_fingerprint() -> str:
         root = Path(pkg.__file__).parent
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root.parent).as_posix()
-            if rel.startswith("edgecnn/matrix/") or rel in ("edgecnn/report.py",) or \
+            if (rel.startswith("edgecnn/matrix/") and rel != "edgecnn/matrix/worker.py") or rel in ("edgecnn/report.py",) or \
                     (rel.startswith("edgecnn/cli") and rel.endswith(".py")):
                 continue
             h.update(rel.encode())

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .. import artefact
-from ..errors import EdgeError, GateFailed, Interrupted
+from ..errors import EdgeError, Interrupted
 from ..targets import ExportOptions
 from ..versions import edgecnn_version, toolchain
 from . import plan as plan_mod
@@ -38,6 +38,7 @@ class MatrixConfig:
     mem_budget_mb: Optional[float] = None       # cap on the summed estimates of running cells
     cell_timeout: float = 3600.0                # seconds; 0 = none
     force: bool = False                         # rebuild every cell even if unchanged
+    retry_failed: bool = False                  # rebuild failed cells even if their failure is settled
     report_dir: Optional[str] = "reports"       # a matrix-<time>/ folder is made inside; None = no report
     scorecard: Optional[str] = "benchmarks/scorecard.json"   # None = do not compare
     update_scorecard: bool = False
@@ -73,6 +74,7 @@ class MatrixRun:
         c = self.counts()
         regress = len(self.comparison.regressions)
         score = ("scorecard: not compared" if self.comparison.path is None else
+                 f"scorecard: {len(self.scorecard_update['updated'])} cell(s) updated" if self.scorecard_update else
                  f"scorecard: no file at {self.comparison.path}" if self.comparison.missing_file else
                  f"scorecard: {regress} regression(s)" if regress else "scorecard: ok")
         return (f"matrix: {len(self.results)} cells in {_fmt_duration(self.wall_seconds)} — ✅ {c['validated']} validated, "
@@ -137,7 +139,7 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
                 results[cell.id] = r
                 display.finish(r)
                 continue
-            reused = None if cfg.force else state.reusable(out, cell)
+            reused = None if cfg.force else state.reusable(out, cell, failures=not cfg.retry_failed)
             if reused is not None:
                 reused.order = cell.order
                 results[cell.id] = reused

@@ -5,9 +5,11 @@ A cell is reused only when (1) its input key is unchanged, (2) its bundle is whe
 verifies (every file's sha256 against its manifest) and (3) that manifest is byte-for-byte the one this
 record saw. So a bundle re-exported by hand with other options, tampered with, or deleted is rebuilt.
 
-Failures are reused only when they are settled for these inputs: a parity gate failure (its
-``.failed`` bundle verifies) or a usage error raised by the pipeline. Toolchain errors, crashes, timeouts
-and interruptions may be transient and are always retried.
+Failures are reused only when they are settled for these inputs (which include the code and toolchain
+versions): a parity gate failure (its ``.failed`` bundle verifies), a usage, input or toolchain error, or
+an unexpected exception (a bug: the same code on the same inputs fails the same way). Crashes (a signal,
+e.g. the OOM killer), timeouts, interruptions and output errors (disk full, lock held) may be transient
+and are always retried; ``--retry-failed`` retries every failed cell.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .plan import Cell
 from .results import CellResult, from_manifest
 
 STATE_DIR = ".matrix"
-SETTLED_FAMILIES = ("gate", "usage")
+SETTLED_FAMILIES = ("gate", "usage", "input", "toolchain", "error")
 
 
 def state_path(out: Path, cell: Cell) -> Path:
@@ -54,15 +56,16 @@ def forget(out: Path, cell: Cell) -> None:
         pass
 
 
-def reusable(out: Path, cell: Cell) -> Optional[CellResult]:
-    """The earlier result of ``cell`` if it may stand for this run (see module docstring), else None."""
+def reusable(out: Path, cell: Cell, *, failures: bool = True) -> Optional[CellResult]:
+    """The earlier result of ``cell`` if it may stand for this run (see module docstring), else None.
+    ``failures=False``: only successes are reused (failed cells are retried)."""
     rec = load(out, cell)
     if not rec or rec.get("key_sha") != cell.key_sha or not cell.key_sha:
         return None
     previous = CellResult.from_dict(rec.get("result") or {})
-    if previous.status == "failed" and previous.error_family not in SETTLED_FAMILIES:
+    if previous.status == "failed" and (not failures or previous.error_family not in SETTLED_FAMILIES):
         return None
-    if previous.status == "failed" and previous.error_family == "usage":
+    if previous.status == "failed" and not previous.bundle:
         previous.outcome, previous.seconds = "reused", 0.0
         return previous
     bundle = Path(previous.bundle) if previous.bundle else None
