@@ -69,6 +69,9 @@ HEADERS = ("arch", "target", "precision", "status", "weights", "size MB", "max r
 def row(r: CellResult) -> Tuple[str, ...]:
     p, lat = r.parity, r.latency
     note = r.reason if r.status != "validated" else (r.latency_note or "")
+    if r.checks:
+        note += ("; " if note else "") + "local checks: " + ", ".join(
+            f"{c['name']} {'PASS' if c['passed'] else 'FAIL'}" for c in r.checks)
     time_s = "—" if r.outcome == "refused" else (f"{r.export_seconds:.1f}" if r.outcome == "reused" and r.export_seconds
                                                  else f"{r.seconds:.1f}")
     return (r.arch, r.target, r.precision, _status(r), _weights(r), _mb(r.model_bytes),
@@ -109,6 +112,7 @@ def plot_latency_vs_agreement(results: List[CellResult], path: Path) -> Optional
         return None
     plt = _plt()
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     tgts = list(dict.fromkeys(r.target for r in pts))
     archs = list(dict.fromkeys(r.arch for r in results))
@@ -125,6 +129,9 @@ def plot_latency_vs_agreement(results: List[CellResult], path: Path) -> Optional
                 ax.plot([r.latency["p50_ms"] for r in line], [r.parity["top1_agreement"] * 100 for r in line],
                         color=colors[arch], alpha=0.5, lw=1, zorder=2)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         runtime = next((r.latency.get("runtime") for r in sub if r.latency.get("runtime")), "")
         ax.set_title(f"{tgt} ({runtime}, batch 1)" if runtime else tgt)
         ax.set_xlabel("latency p50 (ms, log scale) — lower is better")
@@ -244,7 +251,8 @@ def write(run, run_dir: Path) -> Dict[str, str]:
         notes.append("Latency vs agreement: no cell has both a latency and an agreement measurement in this run.")
     p = plot_size(results, plots_dir / "size_per_precision.png")
     if p:
-        plots.append(("Model size per precision", p, "Size of the file each target runs (model_file in the manifest)."))
+        plots.append(("Model size per precision", p, "Size of the file each target runs (model_file in the manifest); for TensorRT that is "
+                      "the ONNX the engine is built from on the device."))
     else:
         notes.append("Model size: no artefact was produced in this run.")
     chosen, why = choose_sensitivity(results, run.config.sensitivity_arch)

@@ -36,6 +36,7 @@ class CellResult:
     speedup_vs_fp32: Optional[float] = None
     speedup_source: str = ""                 # "side by side (export)" | "separate cells"
     peak_rss_mb: Optional[float] = None
+    checks: List[Dict[str, Any]] = field(default_factory=list)   # local checks of a device-validated bundle
     sensitivity: Optional[Dict[str, Any]] = None   # per-layer INT8 sensitivity, when the recipe carries it
     recipe_keys: List[str] = field(default_factory=list)
     log: Optional[str] = None
@@ -82,6 +83,14 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
                    parity=parity, log=log, peak_rss_mb=peak_rss_mb)
     lat = manifest.get("latency") or {}
     b1 = lat.get("batch1")
+    checks = [c for c in manifest.get("local_checks") or [] if isinstance(c, dict) and "name" in c]
+    r.checks = [{"name": str(c["name"]), "passed": bool(c.get("passed"))} for c in checks]
+    if status == "pending":
+        # the runtime that matters is on the device; local timings (e.g. of the ONNX on onnxruntime) are
+        # not that runtime's latency and are kept out of the latency columns, plots and speed-ups
+        r.latency_note = "on the device" + (f" (local timing was {lat.get('runtime', {}).get('runtime')}, "
+                                            "not shown)" if b1 else "")
+        b1 = None
     if b1:
         rt = lat.get("runtime") or {}
         r.latency = {"p50_ms": b1.get("p50_ms"), "p90_ms": b1.get("p90_ms"), "p99_ms": b1.get("p99_ms"),
@@ -93,8 +102,6 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
             r.speedup_source = "side by side (export)"
     elif status == "validated":
         r.latency_note = str(lat.get("note") or manifest.get("latency_note") or "latency not measured")
-    elif status == "pending":
-        r.latency_note = "on the device"
     recipe = manifest.get("recipe") or {}
     r.recipe_keys = sorted(recipe) if isinstance(recipe, dict) else []
     r.sensitivity = extract_sensitivity(recipe)

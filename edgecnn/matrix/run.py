@@ -77,8 +77,10 @@ class MatrixRun:
                  f"scorecard: {len(self.scorecard_update['updated'])} cell(s) updated" if self.scorecard_update else
                  f"scorecard: no file at {self.comparison.path}" if self.comparison.missing_file else
                  f"scorecard: {regress} regression(s)" if regress else "scorecard: ok")
+        refused = sum(1 for r in self.results if r.outcome == "refused")
         return (f"matrix: {len(self.results)} cells in {_fmt_duration(self.wall_seconds)} — ✅ {c['validated']} validated, "
-                f"⏳ {c['pending']} pending, ❌ {c['failed']} failed; {c['reused']} reused unchanged, "
+                f"⏳ {c['pending']} pending, ❌ {c['failed']} failed"
+                + (f" ({refused} refused before running)" if refused else "") + f"; {c['reused']} reused unchanged, "
                 f"{c['built']} exported; {score}" + ("; INTERRUPTED" if self.interrupted else ""))
 
 
