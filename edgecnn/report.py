@@ -295,9 +295,10 @@ def _legend_lines(run) -> List[str]:
         "validated where its runtime exists (e.g. a Jetson for TensorRT); ❌ failed, with the reason.",
         "Parity is measured on held-out real images (never the calibration images) against the PyTorch FP32 "
         "reference; † random-init weights: numeric parity is real, agreement/accuracy mean little.",
-        "Latency: batch 1, as measured by each export on its runtime (threads as in the options); the matrix runs "
-        f"{run.jobs} cells at a time and serialises the timed runs of different cells (one at a time), but the "
-        "others keep exporting meanwhile, so treat absolute numbers from a busy machine as noisy.",
+        "Latency: batch 1, as measured by each export on its runtime (threads as in the options). The matrix runs "
+        f"{run.jobs} cells at a time but pauses all the others while one cell times its model, so the numbers "
+        "are not skewed by the matrix itself; other users of a shared machine still add noise (see the load "
+        "average above).",
         "Speed-up vs FP32 = FP32 p50 / this p50 for the same arch and target; ‡ = from two separate cells' "
         "measurements (not side by side); no mark = measured side by side in one export.",
         "Time s: wall time of the cell in this run (for reused cells, the original export time).",

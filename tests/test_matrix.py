@@ -59,6 +59,8 @@ def test_broken_cell_fails_with_reason_while_others_complete(first, capsys):
         assert c["model_bytes"] > 0 and c["latency"]["p50_ms"] > 0
         assert c["peak_rss_mb"] > 100          # measured in the cell's own process
         assert Path(c["bundle"], "manifest.json").exists()
+    run = json.loads((_latest(tmp) / "results.json").read_text())["run"]
+    assert run["timing_slots"] == 2   # each built cell timed in an exclusive slot, the other cell paused
     broken = cells["lenet5/onnx/int8-weights"]
     assert broken["status"] == "failed" and broken["outcome"] == "refused" and broken["error_family"] == "usage"
     assert "precision 'int8-weights' is not supported for target 'onnx'" in broken["reason"]

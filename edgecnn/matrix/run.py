@@ -59,6 +59,7 @@ class MatrixRun:
     run_dir: Optional[Path] = None
     interrupted: bool = False
     deferred_for_memory: int = 0
+    timing_slots: int = 0               # exclusive timing slots granted (other cells paused)
 
     def counts(self) -> Dict[str, int]:
         c = {"validated": 0, "pending": 0, "failed": 0, "reused": 0, "built": 0}
@@ -123,13 +124,12 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
             run_dir = Path(cfg.report_dir) / f"matrix-{started.strftime('%Y%m%d-%H%M%S')}-{n}"
         run_dir.mkdir(parents=True)
     log_dir = (run_dir or out / state.STATE_DIR) / "logs"
-    lock_file = out / state.STATE_DIR / "latency.lock"
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
 
     results: Dict[str, CellResult] = {}
     to_run: List[Cell] = []
     interrupted = False
     deferred = 0
+    timings = 0
     with Display(len(cells), quiet=cfg.quiet) as display:
         display.note(f"matrix: {len(cells)} cells ({len(plan_mod.split_names(cfg.archs))} archs x "
                      f"{len(plan_mod.split_names(cfg.targets))} targets x {len(plan_mod.split_names(cfg.precisions))} "
@@ -154,7 +154,7 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
                     "calib": cfg.calib, "out": str(out), "options": asdict(cfg.options),
                     "strict_calib": cfg.strict_calib, "lock_timeout": cfg.lock_timeout,
                     "threads": max(1, plan_mod.default_jobs() // max(1, min(jobs, len(to_run)))),
-                    "log": str(log), "latency_lock": str(lock_file)}
+                    "log": str(log)}
 
         def on_done(o: Outcome) -> None:
             r = _collect(o, out)
@@ -177,6 +177,7 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
                                                     reason="not run: the matrix was interrupted",
                                                     family="interrupted", exit_code=130, order=cell.order)
         deferred = sched.deferred_for_memory
+        timings = sched.timings
 
     ordered = sorted(results.values(), key=lambda r: r.order)
     add_speedups(ordered)
@@ -186,7 +187,8 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
         if v is not None:
             r.scorecard = v.state
     run = MatrixRun(cfg, ordered, started.isoformat(timespec="seconds"), time.perf_counter() - t0, jobs, comparison,
-                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred)
+                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred,
+                    timing_slots=timings)
     if cfg.update_scorecard and cfg.scorecard and not interrupted:
         run.scorecard_update = sc.update(ordered, Path(cfg.scorecard))
     if run_dir is not None:
@@ -293,5 +295,5 @@ def run_info(run: MatrixRun) -> dict:
             "precisions": plan_mod.split_names(cfg.precisions), "weights": cfg.weights,
             "calib": cfg.calib or "bundled sample photos", "out": str(cfg.out), "options": asdict(cfg.options),
             "edgecnn_version": edgecnn_version(), "toolchain": toolchain(), "machine": machine(),
-            "deferred_for_memory": run.deferred_for_memory, "summary": run.summary_line(),
+            "deferred_for_memory": run.deferred_for_memory, "timing_slots": run.timing_slots, "summary": run.summary_line(),
             "scorecard": str(cfg.scorecard) if cfg.scorecard else None}

@@ -19,9 +19,34 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_cell(conn, job: dict) -> None:
+class TimingSlot:
+    """The worker's timing guard (``edgecnn.validate.latency.set_timing_guard``): before timing, ask the
+    parent for the slot and wait for "go" (the parent pauses every other cell first); after, say "end".
+    Reentrant, because a measurement may nest timings."""
+
+    def __init__(self, conn):
+        self.conn, self.depth = conn, 0
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        if self.depth == 0:
+            self.conn.send("start")
+            self.conn.recv()
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+        if self.depth == 0:
+            self.conn.send("end")
+
+
+def run_cell(conn, job: dict, timing_conn=None) -> None:
     """Entry point in the child. ``job``: arch, target, precision, weights, calib, out, options (dict),
-    strict_calib, lock_timeout, threads (torch intra-op), log (path), latency_lock (path or None)."""
+    strict_calib, lock_timeout, threads (torch intra-op), log (path). ``timing_conn``: the duplex pipe to
+    ask the parent for exclusive timing slots (None: time without asking)."""
     t0 = time.perf_counter()
     fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -30,8 +55,10 @@ def run_cell(conn, job: dict) -> None:
     threads = str(max(1, int(job.get("threads", 1))))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = threads
-    if job.get("latency_lock"):
-        os.environ["EDGECNN_LATENCY_LOCK"] = job["latency_lock"]
+    if timing_conn is not None:
+        from ..validate.latency import set_timing_guard
+
+        set_timing_guard(TimingSlot(timing_conn))
     signal.signal(signal.SIGTERM, _raise_interrupt)   # unwinds like Ctrl-C: staging folders are removed
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides what Ctrl-C means for its cells
     msg = {"kind": "error", "family": "error", "exit_code": 1, "reason": "no result"}

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .latency import Latency, exclusive_timing, machine_description, time_runs
+from .latency import Latency, exclusive_timing, machine_description, set_timing_guard, time_runs
 from .metrics import Parity, apply_gate, compare
 
 REFERENCE_FILE = "reference.npz"

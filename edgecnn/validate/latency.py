@@ -32,6 +32,13 @@ class Latency:
 
 def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs: int = 30, min_seconds: float = 1.0,
               max_seconds: float = 8.0, max_runs: int = 2000) -> Latency:
+    with exclusive_timing():
+        return _time_runs(fn, batch, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
+                          max_seconds=max_seconds, max_runs=max_runs)
+
+
+def _time_runs(fn: Callable[[], object], batch: int, *, warmup: int, min_runs: int, min_seconds: float,
+               max_seconds: float, max_runs: int) -> Latency:
     for _ in range(warmup):
         fn()
     times = []
@@ -50,25 +57,24 @@ def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs
                    throughput_ips=batch / (p50 / 1000.0) if p50 > 0 else 0.0)
 
 
-@contextlib.contextmanager
-def exclusive_timing():
-    """Hold an exclusive lock on the file named by ``EDGECNN_LATENCY_LOCK`` (if set) while timing.
+_timing_guard: Optional[Callable[[], "contextlib.AbstractContextManager"]] = None
 
-    ``edgecnn matrix`` runs several exports at once; with this, no two of them time their models at the
-    same moment (each would slow the other down). Unset (a plain ``edgecnn export``): no lock.
+
+def set_timing_guard(factory: Optional[Callable[[], "contextlib.AbstractContextManager"]]) -> None:
+    """Install a context-manager factory that every latency measurement runs inside.
+
+    ``edgecnn matrix`` runs several exports at once; its worker processes install a guard that asks the
+    matrix for an exclusive timing slot, and the matrix pauses the other cells until the timing is done,
+    so no cell's latency is measured while another cell competes for the CPU. None (a plain
+    ``edgecnn export``): no guard. Guards must be reentrant: ``measure_latency`` holds one slot for both
+    of its timings and ``time_runs`` (also used directly, e.g. for side-by-side ratios) enters it again.
     """
-    path = os.environ.get("EDGECNN_LATENCY_LOCK")
-    if not path:
-        yield
-        return
-    import fcntl
+    global _timing_guard
+    _timing_guard = factory
 
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+def exclusive_timing() -> "contextlib.AbstractContextManager":
+    return _timing_guard() if _timing_guard is not None else contextlib.nullcontext()
 
 
 def machine_description() -> dict:
