@@ -218,7 +218,12 @@ def plot_sensitivity(r: CellResult, path: Path, top: int = 30) -> str:
     fig, ax = plt.subplots(figsize=(8.5, max(3.0, 0.28 * len(layers) + 1.4)))
     colors = ["#d62728" if x.get("float") else "#1f77b4" for x in layers]
     ax.barh([x["layer"] for x in layers], [x["value"] for x in layers], color=colors)
-    ax.set_xlabel(f"{sens['metric']} ({'higher' if worse_high else 'lower'} = more sensitive)")
+    ax.set_xlabel(f"{sens['metric']} as the INT8 recipe reports it ({'higher' if worse_high else 'lower'} = more "
+                  "sensitive)")
+    vals = [x["value"] for x in layers]
+    lo, hi = min(vals), max(vals)
+    if lo > 0 and hi > lo and (hi - lo) < 0.5 * hi:   # small differences on a large offset: zoom in
+        ax.set_xlim(left=lo - 0.15 * (hi - lo), right=hi + 0.05 * (hi - lo))
     ax.tick_params(axis="y", labelsize=7)
     n = len(sens["layers"])
     ax.set_title(f"{r.arch} {r.target} INT8: per-layer sensitivity ({min(top, n)} most sensitive of {n})"

@@ -191,8 +191,15 @@ def test_sensitivity_is_read_from_whatever_shape_the_recipe_has():
     as_list = {"method": "x", "sensitivity": [{"node": "conv1", "sqnr_db": 30.0, "kept_float": True},
                                               {"node": "conv2", "sqnr_db": 45.0}]}
     got = extract_sensitivity(as_list)
-    assert got["metric"] == "sqnr_db" and got["higher_is_worse"] is False
+    assert got["metric"] == "sqnr_db" and got["higher_is_worse"] is False   # sorted ascending: lowest first
     assert [x["layer"] for x in got["layers"]] == ["conv1", "conv2"] and got["layers"][0]["float"]
+    # the INT8 fallback's shape: all-but-one SQNR, most sensitive (highest) first, float layers beside it
+    fallback = {"fallback": {"layers_float": {"conv9": "sensitivity"}, "sensitivity_top": [
+        {"node": "conv9", "sqnr_db": 31.0, "top1_agreement": 0.98}, {"node": "conv2", "sqnr_db": 22.5,
+                                                                      "top1_agreement": 0.93}]}}
+    got = extract_sensitivity(fallback)
+    assert got["source"] == "recipe.fallback.sensitivity_top" and got["higher_is_worse"] is True
+    assert [(x["layer"], x["float"]) for x in got["layers"]] == [("conv9", True), ("conv2", False)]
     nested = {"fallback": {"per_layer_sensitivity": {"conv1": 0.2, "fc": 0.05}}}
     got = extract_sensitivity(nested)
     assert got["source"] == "recipe.fallback.per_layer_sensitivity" and len(got["layers"]) == 2

@@ -119,7 +119,8 @@ def error_result(arch: str, target: str, precision: str, *, outcome: str, reason
 
 
 # --------------------------------------------------------------------------- per-layer INT8 sensitivity
-_LIST_KEYS = ("sensitivity", "per_layer_sensitivity", "layer_sensitivity", "sensitivities", "per_layer")
+_LIST_KEYS = ("sensitivity", "sensitivity_top", "per_layer_sensitivity", "layer_sensitivity", "sensitivities", "per_layer")
+_FLOAT_KEYS = ("layers_float", "float_layers", "excluded", "kept_float", "fallback_layers")
 _NAME_KEYS = ("layer", "node", "name", "op", "tensor")
 # which number to plot, best first; "higher is worse" for errors, "lower is worse" for agreement/SQNR
 _VALUE_KEYS = (("agreement_drop", True), ("top1_drop", True), ("delta_agreement", True), ("mse", True),
@@ -133,21 +134,33 @@ def extract_sensitivity(recipe: Any) -> Optional[Dict[str, Any]]:
     ``{"metric", "higher_is_worse", "source", "layers": [{"layer", "value", "float"}]}``.
 
     The INT8 recipe is owned by the INT8 work; this reads whatever shape it has — a list of
-    ``{layer/node/name, <metric>}`` dicts, or a ``{layer: number}`` mapping — under any of the usual keys,
-    at the top of the recipe or one level down. Returns None when there is no such list.
+    ``{layer/node/name, <metric>}`` dicts, or a ``{layer: number}`` mapping — under any of the usual keys
+    (``sensitivity``, ``sensitivity_top`` …), at the top of the recipe or one level down. Which way is
+    "more sensitive" is read from the list itself when the producer sorted it (most sensitive first, by
+    that metric); only an unsorted list falls back to the metric's usual meaning. Layers the fallback kept
+    in float (a sibling ``layers_float``/``excluded`` …) are marked. Returns None when there is no list.
     """
     if not isinstance(recipe, dict):
         return None
-    candidates = [(k, recipe[k], k) for k in recipe]
+    candidates = [(k, recipe[k], k, recipe) for k in recipe]
     for k, v in list(recipe.items()):
         if isinstance(v, dict):
-            candidates += [(k2, v2, f"{k}.{k2}") for k2, v2 in v.items()]
-    for key, value, where in candidates:
+            candidates += [(k2, v2, f"{k}.{k2}", v) for k2, v2 in v.items()]
+    for key, value, where, parent in candidates:
         if str(key).lower() not in _LIST_KEYS:
             continue
         got = _normalise(value)
         if got:
             got["source"] = f"recipe.{where}"
+            floats = set()
+            for fk in _FLOAT_KEYS:
+                fv = parent.get(fk)
+                if isinstance(fv, dict):
+                    floats |= {str(x) for x in fv}
+                elif isinstance(fv, list):
+                    floats |= {str(x) for x in fv if isinstance(x, (str, int))}
+            for layer in got["layers"]:
+                layer["float"] = bool(layer.get("float")) or layer["layer"] in floats
             return got
     return None
 
@@ -173,5 +186,10 @@ def _normalise(value: Any) -> Optional[Dict[str, Any]]:
         if all(isinstance(x.get(vkey), (int, float)) for x in value):
             layers = [{"layer": str(x[name_key]), "value": float(x[vkey]),
                        "float": bool(x.get("kept_float") or x.get("float") or x.get("fallback"))} for x in value]
+            vals = [x["value"] for x in layers]
+            if len(set(vals)) > 1 and vals == sorted(vals, reverse=True):
+                worse_high = True       # the producer listed them most sensitive first, highest first
+            elif len(set(vals)) > 1 and vals == sorted(vals):
+                worse_high = False
             return {"metric": vkey, "higher_is_worse": worse_high, "layers": layers}
     return None

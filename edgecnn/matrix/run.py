@@ -103,6 +103,9 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
 
         raise UsageError("the matrix is empty", hint="give at least one arch, target and precision")
 
+    if cfg.scorecard and Path(cfg.scorecard).exists():
+        sc.load(Path(cfg.scorecard))        # a broken scorecard fails now, not after an hour of exports
+
     # input keys (may fail for the whole run: an unusable calibration set is everyone's problem)
     calib_fp = plan_mod.CalibrationFingerprints(cfg.calib, cfg.options, cfg.strict_calib)
     export_args = {"strict_calib": cfg.strict_calib, "calib": str(cfg.calib) if cfg.calib else None}
