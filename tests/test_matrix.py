@@ -91,7 +91,7 @@ def test_second_run_does_no_work(first, capsys):
     manifests = {p: p.stat().st_mtime_ns for p in (tmp / "art").rglob("manifest.json")}
     assert _run(tmp) == 0
     out = capsys.readouterr().out
-    assert "0 exported" in out and "4 cells" in out
+    assert "0 run;" in out and "4 cells" in out
     cells = _cells(tmp)
     assert {c["outcome"] for c in cells.values()} == {"reused", "refused"}
     assert not list((_latest(tmp) / "logs").glob("*.log"))   # no cell process was started

@@ -62,13 +62,13 @@ class MatrixRun:
     timing_slots: int = 0               # exclusive timing slots granted (other cells paused)
 
     def counts(self) -> Dict[str, int]:
-        c = {"validated": 0, "pending": 0, "failed": 0, "reused": 0, "built": 0}
+        c = {"validated": 0, "pending": 0, "failed": 0, "reused": 0, "ran": 0}
         for r in self.results:
             c[r.status] = c.get(r.status, 0) + 1
             if r.outcome == "reused":
                 c["reused"] += 1
-            elif r.outcome == "built":
-                c["built"] += 1
+            elif r.outcome != "refused":
+                c["ran"] += 1
         return c
 
     def summary_line(self) -> str:
@@ -82,7 +82,7 @@ class MatrixRun:
         return (f"matrix: {len(self.results)} cells in {_fmt_duration(self.wall_seconds)} — ✅ {c['validated']} validated, "
                 f"⏳ {c['pending']} pending, ❌ {c['failed']} failed"
                 + (f" ({refused} refused before running)" if refused else "") + f"; {c['reused']} reused unchanged, "
-                f"{c['built']} exported; {score}" + ("; INTERRUPTED" if self.interrupted else ""))
+                f"{c['ran']} run; {score}" + ("; INTERRUPTED" if self.interrupted else ""))
 
 
 def _fmt_duration(s: float) -> str:
