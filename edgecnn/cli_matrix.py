@@ -94,6 +94,8 @@ def _cmd_matrix(args) -> int:
     if upd is not None:
         print(f"scorecard {cfg.scorecard}: {len(upd['updated'])} cell(s) updated"
               + (f"; kept the entries of failed cells {', '.join(upd['kept'])}" if upd["kept"] else ""))
+        if run.comparison.regressions:   # say what was accepted, so an update never hides a regression
+            print(f"accepted worse numbers: {run.comparison.message()}")
     print(run.summary_line())
     regressions = run.comparison.regressions
     if regressions and not args.update_scorecard:

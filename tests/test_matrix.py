@@ -238,3 +238,30 @@ def test_scheduler_keeps_heavy_cells_apart_and_respects_memory(tmp_path):
     assert not s.can_start(huge)
     s.running = []
     assert s.can_start(huge)                        # alone it still runs: the run always progresses
+
+
+def test_a_crashed_cell_is_attributed_and_the_others_complete(tmp_path):
+    """A cell's process killed by a signal (as the OOM killer would) fails that cell only, by name."""
+    import signal
+    from dataclasses import asdict
+
+    from edgecnn.targets import ExportOptions
+
+    def job(cell, log):
+        return {"arch": cell.arch, "target": cell.target, "precision": cell.precision, "weights": "none",
+                "calib": None, "out": str(tmp_path / "art"), "threads": 1, "log": str(log),
+                "options": asdict(ExportOptions(calib_size=16, eval_size=8, latency=False))}
+
+    victim, survivor = plan.Cell("squeezenet1_1", "onnx", "fp32"), plan.Cell("lenet5", "onnx", "fp32", order=1)
+    s = Scheduler(2, make_job=job, log_dir=tmp_path / "logs")
+
+    def kill_victim(cell):
+        if cell is victim:
+            os.kill(s.running[-1].process.pid, signal.SIGKILL)
+
+    s.on_start = kill_victim
+    outcomes = {o.cell.id: o for o in s.run([victim, survivor])}
+    crashed = outcomes[victim.id].message
+    assert crashed["family"] == "crash" and "SIGKILL" in crashed["reason"]
+    assert outcomes[survivor.id].message["kind"] == "done" and outcomes[survivor.id].message["status"] == "validated"
+    assert not s.running
