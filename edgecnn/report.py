@@ -155,7 +155,7 @@ def plot_latency_vs_agreement(results: List[CellResult], path: Path) -> Optional
 
 
 def plot_size(results: List[CellResult], path: Path) -> Optional[str]:
-    pts = [r for r in results if r.model_bytes]
+    pts = [r for r in results if r.model_bytes and r.status != "failed"]   # a failed bundle is no artefact
     if not pts:
         return None
     plt = _plt()
@@ -204,6 +204,10 @@ def choose_sensitivity(results: List[CellResult], arch: Optional[str]) -> Tuple[
     built = [r for r in int8 if r.bundle]
     if not built:
         return None, f"no INT8 artefact for {who} was built in this run ({int8[0].reason or int8[0].status})"
+    for r in built:
+        note = next((n for n in r.notes if n.startswith("INT8 sensitivity:")), None)
+        if note:
+            return None, f"{r.id}: {note[len('INT8 sensitivity: '):]}"
     keys = ", ".join(built[0].recipe_keys) or "none"
     return None, (f"the INT8 manifest of {built[0].id} carries no per-layer sensitivity list under recipe "
                   f"(recipe keys: {keys})")
@@ -256,8 +260,9 @@ def write(run, run_dir: Path) -> Dict[str, str]:
         notes.append("Latency vs agreement: no cell has both a latency and an agreement measurement in this run.")
     p = plot_size(results, plots_dir / "size_per_precision.png")
     if p:
-        plots.append(("Model size per precision", p, "Size of the file each target runs (model_file in the manifest); for TensorRT that is "
-                      "the ONNX the engine is built from on the device."))
+        plots.append(("Model size per precision", p, "Size of the file each target runs (model_file in the manifest; a Core ML .mlpackage "
+                      "counts all its files); for TensorRT, the ONNX the engine is built from on the device. "
+                      "Failed cells are left out."))
     else:
         notes.append("Model size: no artefact was produced in this run.")
     chosen, why = choose_sensitivity(results, run.config.sensitivity_arch)

@@ -74,11 +74,15 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
         reason = str(manifest.get("pending") or "validation must run on the device")
     if status == "failed" and not reason:
         reason = parity.get("reason", "") or "failed"
+    model_bytes = (files.get(model_file) or {}).get("bytes") if model_file else None
+    if model_file and model_bytes is None:   # a model that is a folder (a Core ML .mlpackage)
+        inside = [int(f.get("bytes", 0)) for rel, f in files.items() if rel.startswith(model_file.rstrip("/") + "/")]
+        model_bytes = sum(inside) if inside else None
     r = CellResult(arch=manifest["arch"], target=manifest["target"], precision=manifest["precision"], status=status,
                    outcome=outcome, reason=reason, error_family=error_family, exit_code=exit_code, order=order,
                    seconds=round(seconds, 2), export_seconds=manifest.get("export_seconds"), bundle=str(bundle),
                    weights_source=weights.get("source"), pretrained=weights.get("pretrained"), model_file=model_file,
-                   model_bytes=(files.get(model_file) or {}).get("bytes") if model_file else None,
+                   model_bytes=model_bytes,
                    bundle_bytes=sum(int(f.get("bytes", 0)) for f in files.values()) or None,
                    parity=parity, log=log, peak_rss_mb=peak_rss_mb)
     lat = manifest.get("latency") or {}
@@ -101,10 +105,16 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
             r.speedup_vs_fp32 = float(lat["speedup_vs_fp32"])
             r.speedup_source = "side by side (export)"
     elif status == "validated":
-        r.latency_note = str(lat.get("note") or manifest.get("latency_note") or "latency not measured")
+        why = lat.get("not_measured") or lat.get("note") or manifest.get("latency_note") or "not measured"
+        runtime = (lat.get("runtime") or {}).get("runtime") if isinstance(lat.get("runtime"), dict) else None
+        r.latency_note = f"latency: {why}" + (f"; parity from {runtime}" if runtime else "")
     recipe = manifest.get("recipe") or {}
     r.recipe_keys = sorted(recipe) if isinstance(recipe, dict) else []
     r.sensitivity = extract_sensitivity(recipe)
+    if r.sensitivity is None:
+        empty = _empty_sensitivity_key(recipe)
+        if empty:
+            r.notes.append(f"INT8 sensitivity: {empty} is empty (no per-layer analysis was run for this artefact)")
     if weights.get("pretrained") is False:
         r.notes.append("random-init weights: agreement/accuracy not meaningful")
     return r
@@ -162,6 +172,19 @@ def extract_sensitivity(recipe: Any) -> Optional[Dict[str, Any]]:
             for layer in got["layers"]:
                 layer["float"] = bool(layer.get("float")) or layer["layer"] in floats
             return got
+    return None
+
+
+def _empty_sensitivity_key(recipe: Any) -> Optional[str]:
+    if not isinstance(recipe, dict):
+        return None
+    for k, v in recipe.items():
+        if str(k).lower() in _LIST_KEYS and not v:
+            return f"recipe.{k}"
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                if str(k2).lower() in _LIST_KEYS and not v2:
+                    return f"recipe.{k}.{k2}"
     return None
 
 
