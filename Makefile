@@ -15,12 +15,20 @@ OUT ?= artefacts
 DIR ?=
 EXTRA ?=
 PYTEST_ARGS ?=
+# matrix: empty = the defaults (focus nets x all targets x fp32/fp16/int8); lists are space or comma separated
+ARCHS ?=
+TARGETS ?=
+PRECISIONS ?=
+JOBS ?=
+REPORTS ?= reports
+SCORECARD ?= benchmarks/scorecard.json
 
-.PHONY: help install export validate verify list test test-all bench clean data
+.PHONY: help install export validate verify list matrix test test-all bench clean data
 
 help:
 	@echo "make export ARCH=mobilenet_v3 TARGET=onnx|trt|coreml PRECISION=fp32|fp16|int8 [CALIB=<folder>] [WEIGHTS=auto|imagenet|none|<file>] [OUT=artefacts]"
 	@echo "make validate DIR=<artefact folder>   make verify DIR=<artefact folder>   make list"
+	@echo "make matrix [ARCHS=...] [TARGETS=...] [PRECISIONS=...] [WEIGHTS=auto] [JOBS=n] [EXTRA=--update-scorecard]"
 	@echo "make test (default suite)   make test-all (adds slow cases)   make bench   make clean"
 
 $(STAMP): pyproject.toml
@@ -47,6 +55,12 @@ verify: $(STAMP)
 
 list: $(STAMP)
 	$(PY) -m edgecnn list
+
+# Every ARCHS x TARGETS x PRECISIONS cell exported, validated and scored; report in $(REPORTS)/latest/.
+matrix: $(STAMP)
+	$(PY) -m edgecnn matrix $(if $(strip $(ARCHS)),--archs $(ARCHS)) $(if $(strip $(TARGETS)),--targets $(TARGETS)) \
+		$(if $(strip $(PRECISIONS)),--precisions $(PRECISIONS)) --weights "$(WEIGHTS)" $(if $(CALIB),--calib "$(CALIB)") \
+		--out "$(OUT)" --report-dir "$(REPORTS)" --scorecard "$(SCORECARD)" $(if $(JOBS),--jobs $(JOBS)) $(EXTRA)
 
 # Fashion-MNIST (MIT, Debian package) for the trained-weight tests; tests skip with a reason without it.
 data:

@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list, "verify": _cmd_verify}
 # Modules that contribute subcommands (one line each; keep sorted).
 COMMAND_MODULES: List[str] = [
+    "edgecnn.cli_matrix",
     "edgecnn.cli_store",
 ]
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .latency import Latency, machine_description, time_runs
+from .latency import Latency, exclusive_timing, machine_description, set_timing_guard, time_runs
 from .metrics import Parity, apply_gate, compare
 
 REFERENCE_FILE = "reference.npz"
@@ -73,8 +73,9 @@ def measure_latency(runner, input_shape: Sequence[int], *, throughput_batch: int
     rng = np.random.default_rng(seed)
     x1 = rng.standard_normal((1, *input_shape)).astype(np.float32)
     xb = rng.standard_normal((throughput_batch, *input_shape)).astype(np.float32)
-    one = time_runs(lambda: runner.run(x1), 1, max_seconds=max_seconds)
-    many = time_runs(lambda: runner.run(xb), throughput_batch, min_runs=10, max_seconds=max_seconds)
+    with exclusive_timing():
+        one = time_runs(lambda: runner.run(x1), 1, max_seconds=max_seconds)
+        many = time_runs(lambda: runner.run(xb), throughput_batch, min_runs=10, max_seconds=max_seconds)
     return {"batch1": one.to_dict(), "throughput": many.to_dict(),
             "load_seconds": round(float(getattr(runner, "load_seconds", 0.0)), 4),
             "runtime": runner.describe(), "machine": machine_description()}

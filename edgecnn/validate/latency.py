@@ -5,6 +5,7 @@ Time-boxed rather than count-boxed, because these machines are shared: at least 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -31,6 +32,13 @@ class Latency:
 
 def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs: int = 30, min_seconds: float = 1.0,
               max_seconds: float = 8.0, max_runs: int = 2000) -> Latency:
+    with exclusive_timing():
+        return _time_runs(fn, batch, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
+                          max_seconds=max_seconds, max_runs=max_runs)
+
+
+def _time_runs(fn: Callable[[], object], batch: int, *, warmup: int, min_runs: int, min_seconds: float,
+               max_seconds: float, max_runs: int) -> Latency:
     for _ in range(warmup):
         fn()
     times = []
@@ -47,6 +55,26 @@ def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs
     return Latency(batch=batch, runs=len(a), p50_ms=p50, p90_ms=float(np.percentile(a, 90)),
                    p99_ms=float(np.percentile(a, 99)), mean_ms=float(a.mean()), min_ms=float(a.min()),
                    throughput_ips=batch / (p50 / 1000.0) if p50 > 0 else 0.0)
+
+
+_timing_guard: Optional[Callable[[], "contextlib.AbstractContextManager"]] = None
+
+
+def set_timing_guard(factory: Optional[Callable[[], "contextlib.AbstractContextManager"]]) -> None:
+    """Install a context-manager factory that every latency measurement runs inside.
+
+    ``edgecnn matrix`` runs several exports at once; its worker processes install a guard that asks the
+    matrix for an exclusive timing slot, and the matrix pauses the other cells until the timing is done,
+    so no cell's latency is measured while another cell competes for the CPU. None (a plain
+    ``edgecnn export``): no guard. Guards must be reentrant: ``measure_latency`` holds one slot for both
+    of its timings and ``time_runs`` (also used directly, e.g. for side-by-side ratios) enters it again.
+    """
+    global _timing_guard
+    _timing_guard = factory
+
+
+def exclusive_timing() -> "contextlib.AbstractContextManager":
+    return _timing_guard() if _timing_guard is not None else contextlib.nullcontext()
 
 
 def machine_description() -> dict:
