@@ -19,6 +19,8 @@ Calibration never writes into the current directory: the augmented model lives i
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -123,16 +125,18 @@ def calibrate_ranges(fp32_path: str | os.PathLike, data, *, method: str = "minma
                                        augmented_model_path=os.path.join(tmp, "augmented_model.onnx"),
                                        calibrate_method=cm, extra_options=extra)
         try:
-            if isinstance(reader, _ArrayReader):
-                # A few batches per collect_data call: each call reduces what it holds to ranges/histograms,
-                # so memory stays bounded on deep nets. (onnxruntime 1.32's own max_intermediate_outputs
-                # drops the batches it clears instead of merging them, so it is not used.)
-                for start in range(0, len(reader), 4):
-                    reader.set_range(start, start + 4)
+            with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
+                if isinstance(reader, _ArrayReader):
+                    # One batch per collect_data call: each call reduces what it holds to ranges/histograms, so
+                    # memory stays bounded on deep nets, and the histogram collectors never see batches of
+                    # mixed sizes in one call (they stack them). onnxruntime 1.32's own max_intermediate_outputs
+                    # drops the batches it clears instead of merging them, so it is not used.
+                    for start in range(len(reader)):
+                        reader.set_range(start, start + 1)
+                        calibrator.collect_data(reader)
+                else:
                     calibrator.collect_data(reader)
-            else:
-                calibrator.collect_data(reader)
-            tensors = calibrator.compute_data()
+                tensors = calibrator.compute_data()
         finally:
             del calibrator
     return _as_ranges(tensors), images
@@ -168,6 +172,23 @@ def _fix_residual_adds(model: onnx.ModelProto) -> int:
         idx = list(node.input).index(r["main"])
         node.input[idx] = g.source(r["main"])
         fixed += 1
+    _remove_unused(model)
+    return fixed
+
+
+def _fix_float_layers(model: onnx.ModelProto, float_layers: Sequence[str]) -> int:
+    """Feed the Conv/Gemm layers kept in float from float tensors. onnxruntime routes a layer excluded from
+    quantization through the Q/DQ pair it made for another consumer of the same tensor (e.g. a block input
+    that is also a quantized residual skip), which leaves that layer half quantized."""
+    g = qdq_check.Graph(model)
+    keep = set(float_layers)
+    fixed = 0
+    for node in model.graph.node:
+        if node.name in keep:
+            for i, inp in enumerate(node.input):
+                if inp and g.is_dequantized(inp):
+                    node.input[i] = g.source(inp)
+                    fixed += 1
     _remove_unused(model)
     return fixed
 
@@ -277,7 +298,6 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         data = {k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in ranges.items()}
         save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
         raw = os.path.join(tmp, "ort_qdq.onnx")
-        cwd_before = set(os.listdir(os.getcwd()))
         nag = _DropPreprocessNag()
         logging.getLogger().addFilter(nag)   # onnxruntime nags about its optional shape pre-processing
         try:
@@ -290,12 +310,10 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
             raise ExportError(f"onnxruntime quantize_static failed: {str(exc).splitlines()[0][:300]}") from exc
         finally:
             logging.getLogger().removeFilter(nag)
-        stray = set(os.listdir(os.getcwd())) - cwd_before
-        if stray:  # a regression guard: the quantizer must never litter the user's folder
-            log.warning("onnxruntime wrote %s into the current folder", ", ".join(sorted(stray)))
         model = onnx.load(raw)
 
     fixes = {"residual_add_conv_branch_unquantized": _fix_residual_adds(model),
+             "float_layer_inputs_unquantized": _fix_float_layers(model, kept_float),
              "shared_dq_outputs_split": _dedicate_dq(model),
              "stray_opset_imports_removed": _strip_opset_imports(model)}
     _remove_unused(model)
