@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -230,6 +230,56 @@ def _strip_opset_imports(model: onnx.ModelProto) -> list:
     return [f"{i.domain} v{i.version}" for i in dropped]
 
 
+_ACTIVATIONS = {"Relu", "Clip", "HardSigmoid", "Sigmoid", "HardSwish", "LeakyRelu", "Elu", "Tanh"}
+_GATES = {"HardSigmoid", "Sigmoid"}
+_POOLS = {"GlobalAveragePool", "ReduceMean"}
+
+
+def se_gate_layers(model: onnx.ModelProto) -> List[str]:
+    """Conv layers of squeeze-and-excitation gates: GlobalAveragePool/ReduceMean -> Conv -> act -> Conv ->
+    (Hard)Sigmoid -> Mul. Their inputs are pooled vectors whose range is set by a few channels, and their
+    outputs scale whole feature maps, so their quantization error spreads everywhere (measured on random-init
+    MobileNetV3-Large, trt recipe, 96 held-out images: 9.7 dB SQNR with them INT8, 12.0 dB kept float). On a
+    GPU they are 1x1 convolutions on 1x1 maps: keeping them FP16 costs next to nothing."""
+    g = qdq_check.Graph(model)
+    found: List[str] = []
+    for mul in model.graph.node:
+        if mul.op_type != "Mul" or len(mul.input) != 2:
+            continue
+        for gate_idx in (0, 1):
+            gate = g.producer.get(mul.input[gate_idx])
+            if gate is None or gate.op_type not in _GATES or gate.input[0] == mul.input[1 - gate_idx]:
+                continue  # not a gate, or x * sigmoid(x) (SiLU)
+            convs, frontier, pooled = [], [gate.input[0]], False
+            for _ in range(12):
+                if not frontier:
+                    break
+                tensor = frontier.pop()
+                node = g.producer.get(tensor)
+                if node is None:
+                    break
+                if node.op_type in _POOLS:
+                    pooled = True
+                    break
+                if node.op_type in QUANTIZED_OPS:
+                    convs.append(node.name)
+                    frontier.append(node.input[0])
+                elif node.op_type in _ACTIVATIONS:
+                    frontier.append(node.input[0])
+                elif node.op_type == "Mul" and len(node.input) == 2:  # SiLU inside the gate: t * sigmoid(t)
+                    sig = [g.producer.get(i) for i in node.input]
+                    silu = [i for i, p in zip(node.input, sig[::-1]) if p is not None and p.op_type == "Sigmoid"
+                            and p.input[0] == i]
+                    if not silu:
+                        break
+                    frontier.append(silu[0])
+                else:
+                    break
+            if pooled and convs:
+                found += [c for c in convs if c not in found]
+    return found
+
+
 def _plan(fp32: onnx.ModelProto, exclude: Sequence[str]) -> Tuple[list, list, list]:
     """(nodes to quantize, Conv/Gemm kept float, residual Adds whose skip branch gets Q/DQ)."""
     g = qdq_check.Graph(fp32)
@@ -249,7 +299,8 @@ class _DropPreprocessNag(logging.Filter):
 
 
 def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration_data_reader_or_ranges,
-                 nodes_to_exclude: Sequence[str] = (), *, method: str = "minmax", max_opset: int = OPSET,
+                 nodes_to_exclude: Sequence[str] = (), *, keep_float: Union[str, Sequence[str]] = "auto",
+                 method: str = "minmax", max_opset: int = OPSET,
                  metadata: Optional[Dict[str, str]] = None) -> dict:
     """FP32 ONNX -> TensorRT-valid INT8 Q/DQ ONNX at ``out_path``; returns an info dict for the manifest.
 
@@ -257,6 +308,8 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     calibration inputs (an array or an iterable of batches), or precomputed ranges ({tensor: (min, max)},
     an onnxruntime ``TensorsData``) such as ``info["ranges"]`` of an earlier call.
     ``nodes_to_exclude``: node names kept in float (Conv/Gemm, or a residual Add to keep its skip in float).
+    ``keep_float``: "auto" also keeps squeeze-and-excitation gate convolutions in float (``se_gate_layers``);
+    () quantizes every Conv/Gemm not excluded; or an explicit list of node names.
     """
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -279,7 +332,14 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         ranges, images = calibrate_ranges(fp32_onnx_path, calibration_data_reader_or_ranges, method=method)
     calib_seconds = time.perf_counter() - t0
 
-    to_quantize, kept_float, skip_adds = _plan(fp32, nodes_to_exclude)
+    reasons = {}
+    defaults = se_gate_layers(fp32) if keep_float == "auto" else list(keep_float or ())
+    for name in defaults:
+        reasons[name] = ("squeeze-and-excitation gate (kept float by default)" if keep_float == "auto"
+                         else "kept float (keep_float)")
+    for name in nodes_to_exclude:
+        reasons[name] = "excluded by the caller (e.g. the INT8 fallback)"
+    to_quantize, kept_float, skip_adds = _plan(fp32, list(reasons))
     t1 = time.perf_counter()
     if not any(n for n in to_quantize if n not in skip_adds):
         raise ExportError("every Conv/Gemm was excluded: nothing left to quantize",
@@ -350,7 +410,7 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         "calibration_seconds": round(calib_seconds, 2),
         "quantize_seconds": round(time.perf_counter() - t1, 2),
         "quantized_layers": report.stats["quantized_layers"],
-        "float_layers": list(kept_float),
+        "float_layers": {name: reasons[name] for name in kept_float},
         "residual_adds_skip_quantized": len(skip_adds),
         "qdq_pairs": report.stats["qdq_pairs"],
         "fixes": fixes,
