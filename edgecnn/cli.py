@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list, "verify": _cmd_verify}
 # Modules that contribute subcommands (one line each; keep sorted).
-COMMAND_MODULES: List[str] = []
+COMMAND_MODULES: List[str] = [
+    "edgecnn.trt_commands",
+]
 
 
 def _raise_interrupt(signum, frame):
