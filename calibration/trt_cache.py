@@ -100,11 +100,9 @@ def from_ranges(ranges: Mapping[str, Union[float, Tuple[float, float]]], *, trt_
     for name, r in ranges.items():
         if "\n" in name:
             raise CalibrationError(f"tensor name {name!r} contains a newline")
-        if isinstance(r, (tuple, list)):
-            amax = max(abs(float(np.min(r[0]))), abs(float(np.max(r[1]))))
-        else:
-            amax = abs(float(r))
-        if not np.isfinite(amax):
+        values = np.asarray([np.min(r[0]), np.max(r[1])] if isinstance(r, (tuple, list)) else [r], dtype=np.float64)
+        amax = float(np.abs(values).max())
+        if not np.isfinite(values).all():
             raise CalibrationError(f"range of tensor {name!r} is not finite ({r})",
                                    hint="the model produced NaN/Inf on calibration images")
         scales[name] = amax_scale(amax)
