@@ -704,7 +704,7 @@ def build_engine(bundle, trt, info, args, log):
             with open(timing_path, "rb") as f:
                 blob = f.read()
         tc = config.create_timing_cache(blob)
-        config.set_timing_cache(tc, ignore_mismatch=False)
+        config.set_timing_cache(tc, False)  # (cache, ignore_mismatch)
     inp = network.get_input(0)
     dynamic = tuple(inp.shape)[0] == -1
     if dynamic:

@@ -12,6 +12,10 @@ export writes the bundle, checks here what can honestly be checked here, and mar
 
 These are "onnxruntime checks of the files TensorRT will build from", never TensorRT results: the manifest's
 ``parity``/``latency`` stay empty until device results are merged (``edgecnn merge-results``).
+
+``ExportOptions.extra`` keys: ``trt_version`` (calibration-cache header, default 8.5.2), ``range_method``
+(minmax | percentile | entropy), ``nodes_to_exclude`` (layers the INT8 fallback keeps float), ``trt_build``
+(False: never build an engine during export, even where TensorRT exists).
 """
 from __future__ import annotations
 
