@@ -171,8 +171,30 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = convert_float_to_float16(model, keep_io_types=True)
+    toposort(half.graph)  # the converter appends its input Casts after the nodes that read them
     onnx.checker.check_model(half)
     onnx.save(half, os.fspath(dst))
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("ONNX graph has a cycle or reads a tensor nothing produces: "
+                              + ", ".join(n.name or n.op_type for n in pending[:3]))
+        for n in ready:
+            available.update(n.output)
+        ids = {id(n) for n in ready}
+        ordered += ready
+        pending = [n for n in pending if id(n) not in ids]
+    copies = [onnx.NodeProto() for _ in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -172,3 +172,31 @@ def test_merge_results_cli(fp32_copy, capsys):
 
     assert main(["merge-results", str(fp32_copy), str(_stand_in_results(fp32_copy))]) == 0
     assert "VALIDATED" in capsys.readouterr().out
+
+
+def test_fp16_bundle_files_small_model(tmp_path):
+    """FP16 bundles also carry a typed model.fp16.onnx for TensorRT >= 11 (onnxruntime's float16 converter
+    leaves its input Casts out of topological order; the exporter sorts them)."""
+    import onnxruntime as ort
+    import torch
+
+    from calibration import InputSpec
+    from exporters import tensorrt as trt_exporter
+
+    spec = InputSpec(height=32, width=32, resize=32)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.Hardswish(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    out = trt_exporter.write_bundle(model, spec, "fp16", tmp_path, say=lambda s: None)
+    assert out["files"] == ["model.onnx", "model.fp16.onnx", "edgecnn_trt.py"]
+    assert out["tensorrt"]["build_recipe"]["11+ (GPU)"]["onnx"] == "model.fp16.onnx"
+    assert out["tensorrt"]["build_recipe"]["8.5-10.x (GPU)"]["builder_flags"] == ["FP16"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    a = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"input": x})[0]
+    half = ort.InferenceSession(str(tmp_path / "model.fp16.onnx"))
+    assert half.get_inputs()[0].type == "tensor(float)"       # FP32 I/O kept
+    b = half.run(None, {"input": x})[0]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999
+    init_types = {i.data_type for i in onnx.load(tmp_path / "model.fp16.onnx").graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in init_types
