@@ -12,7 +12,7 @@ from .errors import GateFailed, InputError, IntegrityError, ToolchainError, Usag
 
 def register(sub) -> dict:
     q = sub.add_parser("check-qdq", help="prove an INT8 Q/DQ ONNX model follows TensorRT's rules (names each violation)")
-    q.add_argument("model", help="a Q/DQ .onnx file (e.g. a trt-int8 bundle's model.int8.qdq.onnx)")
+    q.add_argument("model", nargs="?", help="a Q/DQ .onnx file (e.g. a trt-int8 bundle's model.int8.qdq.onnx)")
     q.add_argument("--max-opset", type=int, default=17, help="highest opset the target TensorRT parses (default 17)")
     q.add_argument("--rules", action="store_true", help="list the rules and exit")
     q.add_argument("--json", action="store_true")
@@ -39,6 +39,8 @@ def _cmd_check_qdq(args) -> int:
     if args.rules:
         print(qdq_check.rules_text())
         return 0
+    if not args.model:
+        raise UsageError("check-qdq needs a model file", hint="edgecnn check-qdq model.int8.qdq.onnx")
     path = Path(args.model)
     if not path.is_file():
         raise InputError(f"{path}: no such file", hint="pass a .onnx model")
