@@ -147,6 +147,7 @@ COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list,
 COMMAND_MODULES: List[str] = [
     "edgecnn.cli_matrix",
     "edgecnn.cli_store",
+    "edgecnn.trt_commands",
 ]
 
 

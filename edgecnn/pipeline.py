@@ -67,7 +67,9 @@ class ExportResult:
                          f"{lat['runtime'].get('threads', '?')} thread(s))")
             if lat.get("speedup_vs_fp32"):
                 lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
-        elif m.get("pending"):
+        for check in m.get("local_checks", []):  # checks run here for a bundle validated elsewhere
+            lines.append(f"  check    {check['name']}: {'PASS' if check['passed'] else 'FAIL'} | {check['detail']}")
+        if m.get("pending") and not (lat and "batch1" in lat):
             lines.append(f"  pending  {m['pending']}")
         return "\n".join(lines)
 
@@ -149,6 +151,8 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     del runner
             else:
                 manifest["pending"] = built.pending
+            if built.failed:
+                status = "failed"
             manifest["status"] = status
             manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
             manifest = artefact.write_manifest(staging.path, manifest)
@@ -157,8 +161,9 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                 shutil.rmtree(failed, ignore_errors=True)
                 os.rename(staging.path, failed)
                 result = ExportResult(failed, status, manifest, time.perf_counter() - t_start)
-                raise GateFailed(f"{entry.name} {tgt.name} {precision} failed its parity gate: "
-                                 f"{manifest['parity']['reason']}",
+                reason = (f"failed its parity gate: {manifest['parity']['reason']}" if manifest.get("parity")
+                          and not manifest["parity"].get("passed") else f"failed a check: {built.failed}")
+                raise GateFailed(f"{entry.name} {tgt.name} {precision} {reason}",
                                  hint=f"the failed bundle is kept at {failed} for inspection; "
                                       f"{'the previous artefact is untouched' if final.exists() else 'nothing was written to ' + str(final)}")
             staging.commit()

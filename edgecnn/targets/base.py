@@ -48,6 +48,8 @@ class BuildOutput:
     export: Dict[str, Any] = field(default_factory=dict)   # how it was produced (exporter, opset, nodes …)
     recipe: Dict[str, Any] = field(default_factory=dict)   # precision recipe (quantization details)
     pending: Optional[str] = None        # set when validation must happen elsewhere (e.g. on a Jetson)
+    failed: Optional[str] = None         # set when a check the target ran itself failed (the bundle is kept
+                                         # as <target>-<precision>.failed, like a failed parity gate)
     extra: Dict[str, Any] = field(default_factory=dict)    # more manifest fields, target-specific
 
 
