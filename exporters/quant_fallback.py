@@ -1,0 +1,178 @@
+"""Per-layer sensitivity analysis and automatic float fallback, for any Q/DQ recipe.
+
+A recipe is ``quantize(fp32_onnx_path, out_path, ranges, nodes_to_exclude) -> info`` (``exporters.quant_ort``,
+``exporters.quant_trt``). Ranges are computed once (``calibration.ranges``, cached), so re-quantizing with
+a different exclusion list costs a couple of seconds and this module can afford to ask "what if this one
+layer stayed float?" for every layer:
+
+1. quantize with the recipe's default exclusions; measure against the FP32 model on probe images;
+2. if the agreement bar is not met: sensitivity = quantize all-but-one (each candidate layer float on its
+   own) and measure the SQNR of the logits (a continuous measure: top-1 flips on a few dozen images are
+   too coarse to rank layers);
+3. keep the most sensitive layers float, doubling their number until the bar holds, then bisect back to
+   the smallest count that holds; stop at ``max_float_fraction`` of the candidate layers.
+
+Probe images must come from the calibration split: the held-out evaluation split stays unseen, so the
+pipeline's parity gate on it remains an honest check of what the fallback chose.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+Recipe = Callable[..., dict]
+
+
+@dataclass
+class Agreement:
+    """INT8 vs FP32 logits on probe images."""
+
+    samples: int
+    top1_agreement: float
+    ref_top1_in_top5: float
+    cosine: float
+    sqnr_db: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    def meets(self, min_agreement: float, min_cosine: float) -> bool:
+        return self.top1_agreement >= min_agreement and self.cosine >= min_cosine
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> Agreement:
+    out = np.asarray(out, np.float64).reshape(len(out), -1)
+    ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    noise = float(((out - ref) ** 2).sum())
+    sqnr = float("inf") if noise == 0 else 10 * np.log10(float((ref ** 2).sum()) / noise)
+    norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
+    cos = float(np.mean(np.where(norms > 0, (out * ref).sum(1) / np.maximum(norms, 1e-30), 1.0)))
+    k = min(5, ref.shape[1])
+    top5 = np.argsort(-out, axis=1)[:, :k]
+    r1 = ref.argmax(1)
+    return Agreement(samples=len(ref), top1_agreement=float((out.argmax(1) == r1).mean()),
+                     ref_top1_in_top5=float(np.mean([a in b for a, b in zip(r1, top5)])), cosine=cos,
+                     sqnr_db=sqnr if np.isfinite(sqnr) else 999.0)
+
+
+def run_onnx(path: str, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(inputs[i:i + batch])})[0]
+                           for i in range(0, len(inputs), batch)])
+
+
+@dataclass
+class FallbackResult:
+    excluded: Dict[str, str]                    # node -> why it stays float
+    before: Agreement                           # recipe defaults only
+    after: Agreement                            # with the fallback layers float
+    passed: bool
+    sensitivity: List[dict] = field(default_factory=list)   # [{node, sqnr_db, top1_agreement}] most sensitive first
+    steps: List[dict] = field(default_factory=list)         # each fallback try: {float_layers, agreement, ...}
+    candidates: int = 0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)                # the recipe's own info for the final model
+
+    def to_dict(self) -> dict:
+        return {"layers_float": self.excluded, "agreement_before": self.before.to_dict(),
+                "agreement_after": self.after.to_dict(), "passed_on_probe": self.passed,
+                "sensitivity_top": self.sensitivity[:15], "steps": self.steps, "candidates": self.candidates,
+                "seconds": round(self.seconds, 1)}
+
+
+def sensitivity(recipe: Recipe, fp32_path: str, ranges, probe: np.ndarray, reference: np.ndarray,
+                candidates: Sequence[str], base_exclude: Dict[str, str], workdir: str,
+                say: Callable[[str], None] = lambda s: None) -> List[dict]:
+    """Quantize all but one: for each candidate node, the probe metrics with only it (plus the base
+    exclusions) float. Sorted most sensitive first (largest SQNR when the node stays float)."""
+    rows = []
+    path = os.path.join(workdir, "sens.onnx")
+    t0 = time.perf_counter()
+    for i, node in enumerate(candidates):
+        recipe(fp32_path, path, ranges, list(base_exclude) + [node])
+        m = compare(run_onnx(path, probe), reference)
+        rows.append({"node": node, "sqnr_db": round(m.sqnr_db, 3), "top1_agreement": round(m.top1_agreement, 4),
+                     "cosine": round(m.cosine, 5)})
+        if i == 0 or (i + 1) % 10 == 0:
+            say(f"sensitivity: {i + 1}/{len(candidates)} layers ({time.perf_counter() - t0:.0f} s)")
+    rows.sort(key=lambda r: (-r["sqnr_db"], -r["top1_agreement"]))
+    return rows
+
+
+def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.ndarray, *,
+             reference: Optional[np.ndarray] = None, candidates: Sequence[str], base_exclude: Optional[Dict[str, str]] = None,
+             min_agreement: float = 0.99, min_cosine: float = 0.0, max_float_fraction: float = 0.34,
+             run_sensitivity: bool = True, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
+    """Quantize ``fp32_path`` into ``out_path`` with ``recipe``, keeping the fewest most-sensitive layers
+    float so that the probe agreement with FP32 is >= ``min_agreement`` (and cosine >= ``min_cosine``)."""
+    t0 = time.perf_counter()
+    base = dict(base_exclude or {})
+    candidates = [c for c in candidates if c not in base]
+    if reference is None:
+        reference = run_onnx(fp32_path, probe)
+    info = recipe(fp32_path, out_path, ranges, list(base))
+    before = compare(run_onnx(out_path, probe), reference)
+    result = FallbackResult(excluded=dict(base), before=before, after=before,
+                            passed=before.meets(min_agreement, min_cosine), candidates=len(candidates), info=info)
+    if result.passed or not candidates or not run_sensitivity:
+        result.seconds = time.perf_counter() - t0
+        return result
+    say(f"INT8 agreement {before.top1_agreement:.1%} on {len(probe)} probe images is below {min_agreement:.0%}: "
+        f"per-layer sensitivity over {len(candidates)} layers")
+    with tempfile.TemporaryDirectory(prefix="edgecnn-fallback-") as work:
+        rows = sensitivity(recipe, fp32_path, ranges, probe, reference, candidates, base, work, say)
+        result.sensitivity = rows
+        ranked = [r["node"] for r in rows]
+        limit = max(1, int(len(candidates) * max_float_fraction))
+        tried: Dict[int, Agreement] = {}
+        trial = os.path.join(work, "trial.onnx")
+
+        def attempt(k: int) -> Agreement:
+            if k not in tried:
+                recipe(fp32_path, trial, ranges, list(base) + ranked[:k])
+                tried[k] = compare(run_onnx(trial, probe), reference)
+                result.steps.append({"float_layers": k, **tried[k].to_dict()})
+                say(f"fallback: {k} most sensitive layer(s) float -> agreement {tried[k].top1_agreement:.1%}, "
+                    f"cosine {tried[k].cosine:.4f}")
+            return tried[k]
+
+        k, good = 1, None
+        while k <= limit:
+            if attempt(k).meets(min_agreement, min_cosine):
+                good = k
+                break
+            if k == limit:
+                break
+            k = min(limit, k * 2)
+        if good is not None:  # bisect down to the fewest layers that still hold
+            lo = max((j for j in tried if j < good and not tried[j].meets(min_agreement, min_cosine)), default=0)
+            hi = good
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if attempt(mid).meets(min_agreement, min_cosine):
+                    hi = mid
+                else:
+                    lo = mid
+            good = hi
+        chosen = good if good is not None else max(tried, key=lambda j: (tried[j].top1_agreement, tried[j].sqnr_db))
+        sens = {r["node"]: r for r in rows}
+        for node in ranked[:chosen]:
+            r = sens[node]
+            result.excluded[node] = (f"sensitivity: float alone gives logit SQNR {r['sqnr_db']:.1f} dB "
+                                     f"(all-INT8 {before.sqnr_db:.1f} dB)")
+        result.info = recipe(fp32_path, out_path, ranges, list(result.excluded))
+        result.after = tried[chosen]
+        result.passed = result.after.meets(min_agreement, min_cosine)
+    result.seconds = time.perf_counter() - t0
+    return result
