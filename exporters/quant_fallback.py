@@ -41,8 +41,8 @@ class Agreement:
     def to_dict(self) -> dict:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
-    def meets(self, min_agreement: float, min_cosine: float) -> bool:
-        return self.top1_agreement >= min_agreement and self.cosine >= min_cosine
+    def meets(self, min_agreement: float, min_cosine: float, min_sqnr_db: float = -999.0) -> bool:
+        return self.top1_agreement >= min_agreement and self.cosine >= min_cosine and self.sqnr_db >= min_sqnr_db
 
 
 def compare(out: np.ndarray, ref: np.ndarray) -> Agreement:
@@ -112,10 +112,11 @@ def sensitivity(recipe: Recipe, fp32_path: str, ranges, probe: np.ndarray, refer
 
 def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.ndarray, *,
              reference: Optional[np.ndarray] = None, candidates: Sequence[str], base_exclude: Optional[Dict[str, str]] = None,
-             min_agreement: float = 0.99, min_cosine: float = 0.0, max_float_fraction: float = 0.34,
+             min_agreement: float = 0.99, min_cosine: float = 0.0, min_sqnr_db: float = -999.0, max_float_fraction: float = 0.34,
              run_sensitivity: bool = True, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
     """Quantize ``fp32_path`` into ``out_path`` with ``recipe``, keeping the fewest most-sensitive layers
-    float so that the probe agreement with FP32 is >= ``min_agreement`` (and cosine >= ``min_cosine``)."""
+    float so that the probe agreement with FP32 is >= ``min_agreement`` (and cosine >= ``min_cosine``, logit
+    SQNR >= ``min_sqnr_db``: the bar for random-init nets, whose agreement means nothing)."""
     t0 = time.perf_counter()
     base = dict(base_exclude or {})
     candidates = [c for c in candidates if c not in base]
@@ -124,12 +125,12 @@ def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.nd
     info = recipe(fp32_path, out_path, ranges, list(base))
     before = compare(run_onnx(out_path, probe), reference)
     result = FallbackResult(excluded=dict(base), before=before, after=before,
-                            passed=before.meets(min_agreement, min_cosine), candidates=len(candidates), info=info)
+                            passed=before.meets(min_agreement, min_cosine, min_sqnr_db), candidates=len(candidates), info=info)
     if result.passed or not candidates or not run_sensitivity:
         result.seconds = time.perf_counter() - t0
         return result
-    say(f"INT8 agreement {before.top1_agreement:.1%} on {len(probe)} probe images is below {min_agreement:.0%}: "
-        f"per-layer sensitivity over {len(candidates)} layers")
+    say(f"INT8 on {len(probe)} probe images: agreement {before.top1_agreement:.1%}, SQNR {before.sqnr_db:.1f} dB, "
+        f"below the bar: per-layer sensitivity over {len(candidates)} layers")
     with tempfile.TemporaryDirectory(prefix="edgecnn-fallback-") as work:
         rows = sensitivity(recipe, fp32_path, ranges, probe, reference, candidates, base, work, say)
         result.sensitivity = rows
@@ -144,23 +145,23 @@ def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.nd
                 tried[k] = compare(run_onnx(trial, probe), reference)
                 result.steps.append({"float_layers": k, **tried[k].to_dict()})
                 say(f"fallback: {k} most sensitive layer(s) float -> agreement {tried[k].top1_agreement:.1%}, "
-                    f"cosine {tried[k].cosine:.4f}")
+                    f"cosine {tried[k].cosine:.4f}, SQNR {tried[k].sqnr_db:.1f} dB")
             return tried[k]
 
         k, good = 1, None
         while k <= limit:
-            if attempt(k).meets(min_agreement, min_cosine):
+            if attempt(k).meets(min_agreement, min_cosine, min_sqnr_db):
                 good = k
                 break
             if k == limit:
                 break
             k = min(limit, k * 2)
         if good is not None:  # bisect down to the fewest layers that still hold
-            lo = max((j for j in tried if j < good and not tried[j].meets(min_agreement, min_cosine)), default=0)
+            lo = max((j for j in tried if j < good and not tried[j].meets(min_agreement, min_cosine, min_sqnr_db)), default=0)
             hi = good
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if attempt(mid).meets(min_agreement, min_cosine):
+                if attempt(mid).meets(min_agreement, min_cosine, min_sqnr_db):
                     hi = mid
                 else:
                     lo = mid
@@ -173,6 +174,6 @@ def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.nd
                                      f"(all-INT8 {before.sqnr_db:.1f} dB)")
         result.info = recipe(fp32_path, out_path, ranges, list(result.excluded))
         result.after = tried[chosen]
-        result.passed = result.after.meets(min_agreement, min_cosine)
+        result.passed = result.after.meets(min_agreement, min_cosine, min_sqnr_db)
     result.seconds = time.perf_counter() - t0
     return result

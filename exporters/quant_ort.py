@@ -242,10 +242,41 @@ def quantize(fp32_onnx_path: Union[str, os.PathLike], out_path: Union[str, os.Pa
         except Exception as exc:
             raise ExportError(f"onnxruntime quantization failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                               hint="try --calib-method minmax, or export FP32") from exc
-    return {"recipe": NAME, "format": "QDQ", "activations": "uint8 asymmetric, per-tensor",
+    float_outputs = float_graph_outputs(out_path)
+    return {"recipe": NAME, "format": "QDQ", "float_outputs": float_outputs, "activations": "uint8 asymmetric, per-tensor",
             "weights": "int8 symmetric, " + ("per-channel" if per_channel else "per-tensor"),
             "op_types": list(op_types), "nodes_excluded": excluded,
             "ranges": getattr(ranges, "method", "minmax")}
+
+
+def float_graph_outputs(path: Union[str, os.PathLike]) -> List[str]:
+    """Drop the Q -> DQ pair in front of each graph output, so the logits leave the last layer in float.
+
+    A quantized output is clipped to the range seen in calibration: an image with larger logits (measured:
+    a random-init MobileNetV3-small on held-out photos) comes out flattened at the clip, and the logits'
+    8-bit grid alone flips top-1 on near ties. Float logits cost nothing (QGemm writes float directly).
+    """
+    model = onnx.load(os.fspath(path))
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    producers = {o: n for n in g.node for o in n.output}
+    done = []
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in outputs]:
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        src = producers.get(q.input[0])
+        users = [n for n in g.node if q.input[0] in n.input and n is not q]
+        if src is None or users or any(q.input[0] == o for o in outputs):
+            continue
+        idx = list(src.output).index(q.input[0])
+        src.output[idx] = dq.output[0]
+        g.node.remove(dq)
+        g.node.remove(q)
+        done.append(dq.output[0])
+    if done:
+        onnx.save(model, os.fspath(path))
+    return done
 
 
 @contextlib.contextmanager
