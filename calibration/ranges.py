@@ -251,7 +251,7 @@ def _calibrate(model_path: str, batches: Iterable[np.ndarray], method: str, *, p
                 lo, hi = _pair(v.range_value)
                 if k in hists:  # clamp to what was observed (entropy thresholds are symmetric by construction)
                     lo, hi = max(lo, float(hists[k][2])), min(hi, float(hists[k][3]))
-                ranges[k] = (min(lo, 0.0), max(hi, 0.0))
+                ranges[k] = (lo, hi)
         del calibrator
     return ranges, images
 
@@ -270,7 +270,7 @@ def _mse_ranges(histograms: dict, levels: int = 255, steps: int = 64) -> Dict[st
     for name, (hist, edges, vmin, vmax, *_rest) in histograms.items():
         hist = np.asarray(hist, dtype=np.float64)
         edges = np.asarray(edges, dtype=np.float64)
-        vmin, vmax = min(float(vmin), 0.0), max(float(vmax), 0.0)
+        vmin, vmax = float(vmin), float(vmax)
         total = hist.sum()
         if total <= 0 or vmax - vmin <= 0:
             out[name] = (vmin, vmax)
@@ -284,14 +284,16 @@ def _mse_ranges(histograms: dict, levels: int = 255, steps: int = 64) -> Dict[st
             return float((p * clipped).sum())
 
         best = (err(vmin, vmax), vmin, vmax)
+        # shrink toward the value the quantizer keeps exact (0 when the range spans it, else the near end)
+        anchor = 0.0 if vmin <= 0.0 <= vmax else (vmin if vmin > 0 else vmax)
         for f in fractions:  # shrink both sides together, then each side on its own around the best
-            lo, hi = vmin * f, vmax * f
+            lo, hi = anchor + (vmin - anchor) * f, anchor + (vmax - anchor) * f
             e = err(lo, hi)
             if e < best[0]:
                 best = (e, lo, hi)
         _, blo, bhi = best
         for f in fractions:
-            for lo, hi in ((vmin * f, bhi), (blo, vmax * f)):
+            for lo, hi in ((anchor + (vmin - anchor) * f, bhi), (blo, anchor + (vmax - anchor) * f)):
                 if hi - lo <= 0:
                     continue
                 e = err(lo, hi)
