@@ -93,13 +93,17 @@ class FallbackResult:
 
 def sensitivity(recipe: Recipe, fp32_path: str, ranges, probe: np.ndarray, reference: np.ndarray,
                 candidates: Sequence[str], base_exclude: Dict[str, str], workdir: str,
-                say: Callable[[str], None] = lambda s: None) -> List[dict]:
+                say: Callable[[str], None] = lambda s: None, max_seconds: float = float("inf")) -> List[dict]:
     """Quantize all but one: for each candidate node, the probe metrics with only it (plus the base
     exclusions) float. Sorted most sensitive first (largest SQNR when the node stays float)."""
     rows = []
     path = os.path.join(workdir, "sens.onnx")
     t0 = time.perf_counter()
     for i, node in enumerate(candidates):
+        if time.perf_counter() - t0 > max_seconds:
+            say(f"sensitivity: time budget of {max_seconds:.0f} s spent after {i} of {len(candidates)} layers; "
+                "ranking those")
+            break
         recipe(fp32_path, path, ranges, list(base_exclude) + [node])
         m = compare(run_onnx(path, probe), reference)
         rows.append({"node": node, "sqnr_db": round(m.sqnr_db, 3), "top1_agreement": round(m.top1_agreement, 4),
@@ -113,7 +117,7 @@ def sensitivity(recipe: Recipe, fp32_path: str, ranges, probe: np.ndarray, refer
 def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.ndarray, *,
              reference: Optional[np.ndarray] = None, candidates: Sequence[str], base_exclude: Optional[Dict[str, str]] = None,
              min_agreement: float = 0.99, min_cosine: float = 0.0, min_sqnr_db: float = -999.0, max_float_fraction: float = 0.34,
-             run_sensitivity: bool = True, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
+             run_sensitivity: bool = True, max_seconds: float = 240.0, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
     """Quantize ``fp32_path`` into ``out_path`` with ``recipe``, keeping the fewest most-sensitive layers
     float so that the probe agreement with FP32 is >= ``min_agreement`` (and cosine >= ``min_cosine``, logit
     SQNR >= ``min_sqnr_db``: the bar for random-init nets, whose agreement means nothing)."""
@@ -132,10 +136,14 @@ def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.nd
     say(f"INT8 on {len(probe)} probe images: agreement {before.top1_agreement:.1%}, SQNR {before.sqnr_db:.1f} dB, "
         f"below the bar: per-layer sensitivity over {len(candidates)} layers")
     with tempfile.TemporaryDirectory(prefix="edgecnn-fallback-") as work:
-        rows = sensitivity(recipe, fp32_path, ranges, probe, reference, candidates, base, work, say)
+        rows = sensitivity(recipe, fp32_path, ranges, probe, reference, candidates, base, work, say,
+                           max_seconds=max_seconds)
         result.sensitivity = rows
         ranked = [r["node"] for r in rows]
-        limit = max(1, int(len(candidates) * max_float_fraction))
+        if not ranked:
+            result.seconds = time.perf_counter() - t0
+            return result
+        limit = min(len(ranked), max(1, int(len(candidates) * max_float_fraction)))
         tried: Dict[int, Agreement] = {}
         trial = os.path.join(work, "trial.onnx")
 

@@ -62,7 +62,8 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         recipe_module.quantize, os.fspath(prepared), os.fspath(out_path), ranges, probe,
         candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, min_agreement=min_agreement, min_sqnr_db=min_sqnr,
         max_float_fraction=float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
-        run_sensitivity=fallback_on, say=ctx.say)
+        run_sensitivity=fallback_on, max_seconds=float(ctx.options.extra.get("int8_sensitivity_seconds", 240.0)),
+        say=ctx.say)
     report = recipe_module.op_report(out_path)
     recipe = {
         "precision": "int8", **result.info,
