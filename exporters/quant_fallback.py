@@ -42,14 +42,14 @@ class Agreement:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
     def meets(self, min_agreement: float, min_cosine: float, min_sqnr_db: float = -999.0) -> bool:
-        return self.top1_agreement >= min_agreement and self.cosine >= min_cosine and self.sqnr_db >= min_sqnr_db
+        return bool(self.top1_agreement >= min_agreement and self.cosine >= min_cosine and self.sqnr_db >= min_sqnr_db)
 
 
 def compare(out: np.ndarray, ref: np.ndarray) -> Agreement:
     out = np.asarray(out, np.float64).reshape(len(out), -1)
     ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
     noise = float(((out - ref) ** 2).sum())
-    sqnr = float("inf") if noise == 0 else 10 * np.log10(float((ref ** 2).sum()) / noise)
+    sqnr = float("inf") if noise == 0 else float(10 * np.log10(float((ref ** 2).sum()) / noise))
     norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
     cos = float(np.mean(np.where(norms > 0, (out * ref).sum(1) / np.maximum(norms, 1e-30), 1.0)))
     k = min(5, ref.shape[1])
@@ -57,7 +57,7 @@ def compare(out: np.ndarray, ref: np.ndarray) -> Agreement:
     r1 = ref.argmax(1)
     return Agreement(samples=len(ref), top1_agreement=float((out.argmax(1) == r1).mean()),
                      ref_top1_in_top5=float(np.mean([a in b for a, b in zip(r1, top5)])), cosine=cos,
-                     sqnr_db=sqnr if np.isfinite(sqnr) else 999.0)
+                     sqnr_db=sqnr if np.isfinite(sqnr) else 999.0)  # plain floats: they go into JSON
 
 
 def run_onnx(path: str, inputs: np.ndarray, batch: int = 16) -> np.ndarray:
