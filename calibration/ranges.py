@@ -306,3 +306,44 @@ def _mse_ranges(histograms: dict, levels: int = 255, steps: int = 64) -> Dict[st
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def channel_means(model_path: Union[str, os.PathLike], batches: Iterable[np.ndarray], tensors: Sequence[str], *,
+                  max_images: int = 128) -> Dict[str, np.ndarray]:
+    """Per-channel mean (over images and H×W) of each named NCHW tensor of ``model_path``, from a float run.
+
+    What bias correction needs: the expected input of a layer, to cancel the mean output shift that its
+    quantized weights cause. The model with the extra outputs lives in a temporary folder.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(os.fspath(model_path))
+    existing = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sums: Dict[str, np.ndarray] = {}
+    seen = 0
+    with tempfile.TemporaryDirectory(prefix="edgecnn-means-") as tmp:
+        path = os.path.join(tmp, "means.onnx")
+        onnx.save(model, path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        wanted = [o.name for o in sess.get_outputs() if o.name in set(tensors)]
+        for b in batches:
+            b = np.asarray(b, dtype=np.float32)
+            if seen >= max_images:
+                break
+            b = b[: max_images - seen]
+            for t, v in zip(wanted, sess.run(wanted, {name: b})):
+                v = np.asarray(v, dtype=np.float64)
+                axes = (0,) + tuple(range(2, v.ndim))
+                sums[t] = sums.get(t, 0.0) + v.mean(axis=axes) * len(b)
+            seen += len(b)
+    if seen == 0:
+        raise CalibrationError("no calibration images to compute channel means from")
+    return {t: (s / seen).astype(np.float32) for t, s in sums.items()}

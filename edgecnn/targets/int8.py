@@ -8,13 +8,14 @@ so the pipeline's parity gate on the held-out split judges the result on images 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from calibration.ranges import DEFAULT_METHOD, METHODS, compute_ranges
+from calibration.ranges import DEFAULT_METHOD, METHODS, channel_means, compute_ranges
 from exporters import quant_fallback
 
 from ..errors import UsageError
@@ -42,6 +43,16 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     prepared = work / ".prepared.onnx"
     ctx.say("preparing the FP32 graph for INT8 kernels")
     rewrites = recipe_module.prepare(fp32_path, prepared)
+    base = recipe_module.default_exclusions(prepared)
+    uncorrected = work / ".prepared-uncorrected.onnx"
+    corrected = 0
+    if ctx.options.extra.get("bias_correction", True) and hasattr(recipe_module, "bias_correction"):
+        ctx.say("bias correction: channel means on the calibration split")
+        means = channel_means(prepared, ctx.calib.iter_batches("calib", batch_size=16),
+                              recipe_module.bias_correction_inputs(prepared))
+        shutil.copyfile(prepared, uncorrected)
+        corrected = recipe_module.bias_correction(prepared, prepared, means, skip=base)
+        rewrites["bias_corrected_convs"] = corrected
     ctx.say(f"calibrating activation ranges ({method}) on the calibration split")
     try:
         ranges = compute_ranges(prepared, lambda: ctx.calib.iter_batches("calib", batch_size=16), method,
@@ -57,9 +68,22 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     # trained weights: the agreement gate; random init: agreement means nothing, aim at the SQNR gate + margin
     min_agreement = ctx.options.int8_min_agreement if ctx.trained else 0.0
     min_sqnr = -999.0 if ctx.trained else INT8_RANDOM_MIN_SQNR_DB + RANDOM_SQNR_MARGIN_DB
-    base = recipe_module.default_exclusions(prepared)
+
+    def run_recipe(fp32, out, ranges_, exclude):
+        """The recipe, with bias correction undone for the layers the fallback keeps float."""
+        extra = [n for n in exclude if n not in base]
+        if not corrected or not extra:
+            return recipe_module.quantize(fp32, out, ranges_, exclude)
+        variant = work / ".prepared-variant.onnx"
+        recipe_module.restore_biases(fp32, uncorrected, extra, variant)
+        try:
+            return recipe_module.quantize(variant, out, ranges_, exclude)
+        finally:
+            os.remove(variant)
+
     result = quant_fallback.fallback(
-        recipe_module.quantize, os.fspath(prepared), os.fspath(out_path), ranges, probe,
+        run_recipe, os.fspath(prepared), os.fspath(out_path), ranges, probe,
+        reference=quant_fallback.run_onnx(os.fspath(fp32_path), probe),  # the FP32 model, not the corrected one
         candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, min_agreement=min_agreement, min_sqnr_db=min_sqnr,
         max_float_fraction=float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
         run_sensitivity=fallback_on, max_seconds=float(ctx.options.extra.get("int8_sensitivity_seconds", 240.0)),
@@ -68,6 +92,9 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     recipe = {
         "precision": "int8", **result.info,
         "calibration_method": method, "ranges": ranges.describe(), "graph_preparation": rewrites,
+        "bias_correction": {"convs": corrected, "method": "b -= (Wq - W)·E[x] per output channel, E[x] from the "
+                                                          "calibration split; undone for layers kept float"}
+        if corrected else None,
         "kernels": report,
         "fallback": {**result.to_dict(), "enabled": fallback_on, "min_agreement": min_agreement,
                      "probe": f"{len(probe)} images of the calibration split (the held-out split stays unseen)",
@@ -75,10 +102,11 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
                      "note": None if ctx.trained else "random-init weights: agreement is not meaningful; the fallback "
                                                       "aims at the SQNR gate instead"},
     }
-    try:
-        os.remove(prepared)
-    except OSError:
-        pass
+    for leftover in (prepared, uncorrected):
+        try:
+            os.remove(leftover)
+        except OSError:
+            pass
     return recipe
 
 
