@@ -64,6 +64,7 @@ def prepare(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> dict:
     done = Counter()
     done["reducemean_to_gap"] = _reducemean_to_gap(model)
     done["hardsigmoid_folded_into_conv"] = _fold_hardsigmoid(model)
+    _drop_unused_initializers(model)
     onnx.checker.check_model(model)
     with tempfile.TemporaryDirectory(prefix="edgecnn-prep-") as tmp:
         mid = os.path.join(tmp, "rewritten.onnx")
@@ -243,8 +244,17 @@ def bias_correction(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], 
         del node.input[2:]
         node.input.append(name)
         count += 1
+    _drop_unused_initializers(model)
     onnx.save(model, os.fspath(dst))
     return count
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    if len(keep) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
 
 
 def restore_biases(corrected: Union[str, os.PathLike], original: Union[str, os.PathLike], nodes: Iterable[str],
@@ -269,6 +279,7 @@ def restore_biases(corrected: Union[str, os.PathLike], original: Union[str, os.P
                         model.graph.initializer.append(orig_inits[name])
                         have.add(name)
                 count += 1
+    _drop_unused_initializers(model)
     onnx.save(model, os.fspath(dst))
     return count
 
