@@ -1,7 +1,8 @@
 """INT8 (ort recipe) vs FP32 on onnxruntime CPU, measured side by side in one run.
 
-For each focus net: export FP32 ONNX, prepare + calibrate (minmax, calibration split of the bundled sample
-photos) + quantize with the ort recipe's defaults (no fallback search: that is the pipeline's job), then
+For each focus net: export FP32 ONNX, prepare + bias correction + calibrate (minmax, calibration split of the
+bundled sample photos) + quantize with the ort recipe's defaults (no fallback search: that is the pipeline's
+job), then
 time FP32 and INT8 alternately at batch 1 with 1 and 2 threads, and score INT8 against FP32 on the held-out
 photos. Random-init nets get BatchNorm re-estimated first (as the pipeline does); their label agreement is
 printed but not meaningful (marked "random").
@@ -26,7 +27,7 @@ NETS = ("efficientnet_lite0", "mobilenet_v2", "squeezenet1_1", "resnet50", "mobi
 
 def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     from calibration import CalibrationSet
-    from calibration.ranges import compute_ranges
+    from calibration.ranges import channel_means, compute_ranges
     from edgecnn import weights, zoo
     from edgecnn.targets.int8 import side_by_side_latency
     from exporters import quant_fallback, quant_ort
@@ -41,8 +42,11 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     export_onnx(model, entry.spec, fp32)
     t0 = time.perf_counter()
     quant_ort.prepare(fp32, prep)
+    base = quant_ort.default_exclusions(prep)
+    means = channel_means(prep, cs.iter_batches("calib", batch_size=16), quant_ort.bias_correction_inputs(prep))
+    quant_ort.bias_correction(prep, prep, means, skip=base)
     ranges = compute_ranges(prep, lambda: cs.iter_batches("calib", batch_size=16), "minmax", cache_dir=False)
-    quant_ort.quantize(prep, int8, ranges, quant_ort.default_exclusions(prep))
+    quant_ort.quantize(prep, int8, ranges, base)
     calib_s = time.perf_counter() - t0
     ev = cs.array("eval")
     m = quant_fallback.compare(quant_fallback.run_onnx(int8, ev), quant_fallback.run_onnx(fp32, ev))
