@@ -118,10 +118,12 @@ def sensitivity(recipe: Recipe, fp32_path: str, ranges, probe: np.ndarray, refer
 def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.ndarray, *,
              reference: Optional[np.ndarray] = None, candidates: Sequence[str], base_exclude: Optional[Dict[str, str]] = None,
              min_agreement: float = 0.99, min_cosine: float = 0.0, min_sqnr_db: float = -999.0, max_float_fraction: float = 0.34,
-             run_sensitivity: bool = True, max_seconds: float = 240.0, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
+             run_sensitivity: bool = True, max_seconds: float = 240.0, min_gain_db: float = 0.25, say: Callable[[str], None] = lambda s: None) -> FallbackResult:
     """Quantize ``fp32_path`` into ``out_path`` with ``recipe``, keeping the fewest most-sensitive layers
     float so that the probe agreement with FP32 is >= ``min_agreement`` (and cosine >= ``min_cosine``, logit
-    SQNR >= ``min_sqnr_db``: the bar for random-init nets, whose agreement means nothing)."""
+    SQNR >= ``min_sqnr_db``: the bar for random-init nets, whose agreement means nothing). A layer stays
+    float only for a probe SQNR gain of at least ``min_gain_db`` (smaller gains are noise on a few dozen
+    images, and each float layer costs speed and size)."""
     t0 = time.perf_counter()
     base = dict(base_exclude or {})
     candidates = [c for c in candidates if c not in base]
@@ -160,7 +162,7 @@ def fallback(recipe: Recipe, fp32_path: str, out_path: str, ranges, probe: np.nd
                 break
             recipe(fp32_path, trial, ranges, list(base) + chosen + [node])
             m = compare(run_onnx(trial, probe), reference)
-            kept = m.sqnr_db > best.sqnr_db and m.top1_agreement >= best.top1_agreement - 1e-9
+            kept = m.sqnr_db > best.sqnr_db + min_gain_db and m.top1_agreement >= best.top1_agreement - 1e-9
             result.steps.append({"layer": node, "float_layers": len(chosen) + int(kept), "kept": kept, **m.to_dict()})
             say(f"fallback: {node} float -> agreement {m.top1_agreement:.1%}, SQNR {m.sqnr_db:.1f} dB "
                 f"({'kept' if kept else 'no gain, stays INT8'})")
