@@ -40,6 +40,10 @@ def _add_export(sub) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--int8-min-agreement", type=float, default=0.99,
                    help="INT8 gate: top-1 agreement with FP32 on held-out images (default 0.99)")
+    p.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy", "mse"),
+                   help="INT8 activation range estimation (default minmax; ranges are cached per model + calibration set)")
+    p.add_argument("--no-int8-fallback", action="store_true",
+                   help="INT8: skip the per-layer sensitivity analysis and float fallback")
     p.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for another export of the same bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -53,7 +57,8 @@ def _cmd_export(args) -> int:
     precision = args.precision or ("fp16" if target.strip().lower() == "coreml" else "fp32")
     options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
-                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement)
+                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
+                            extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet)

@@ -49,7 +49,17 @@ class ExportResult:
                  f"  folder   {self.path}"]
         model = m.get("model_file")
         if model and model in m.get("files", {}):
-            lines.append(f"  model    {model}  ({m['files'][model]['bytes'] / 1e6:.2f} MB)")
+            size = f"  model    {model}  ({m['files'][model]['bytes'] / 1e6:.2f} MB"
+            if m.get("int8", {}).get("fp32_bytes"):
+                size += f", {m['files'][model]['bytes'] / m['int8']['fp32_bytes']:.0%} of FP32"
+            lines.append(size + ")")
+        fb = (m.get("recipe") or {}).get("fallback")
+        if fb:
+            before, after = fb["agreement_before"], fb["agreement_after"]
+            lines.append(f"  int8     {m['recipe'].get('recipe')} recipe, {m['recipe'].get('calibration_method')} ranges, "
+                         f"{len(fb['layers_float'])} layer(s) float; probe agreement {before['top1_agreement']:.1%} -> "
+                         f"{after['top1_agreement']:.1%}; {m['recipe']['kernels']['fused']} fused INT8 kernels, "
+                         f"{m['recipe']['kernels']['float']} float ops")
         w = m.get("weights", {})
         lines.append(f"  weights  {w.get('source')}" + ("" if w.get("pretrained") else "  (RANDOM INIT: accuracy not meaningful)"))
         p = m.get("parity")
@@ -148,6 +158,9 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     elif options.latency:
                         say("measuring latency")
                         manifest["latency"] = measure_latency(runner, entry.spec.shape, seed=options.seed)
+                        side = built.extra.get("int8", {})
+                        if side.get("speedup_vs_fp32"):  # measured side by side by the target, same run
+                            manifest["latency"]["speedup_vs_fp32"] = side["speedup_vs_fp32"]
                     del runner
             else:
                 manifest["pending"] = built.pending

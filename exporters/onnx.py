@@ -209,6 +209,13 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def set_metadata_file(path: str | os.PathLike, metadata: Dict[str, str]) -> None:
+    """``set_metadata`` on a model file in place (e.g. after a quantizer rewrote it without our metadata)."""
+    model = onnx.load(os.fspath(path))
+    set_metadata(model, metadata)
+    onnx.save(model, os.fspath(path))
+
+
 def load_metadata(path: str | os.PathLike) -> Dict[str, str]:
     model = onnx.load(os.fspath(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}

@@ -14,7 +14,7 @@ MODEL_FILE = "model.onnx"
 
 class OnnxTarget(Target):
     name = "onnx"
-    precisions = ("fp32", "fp16")
+    precisions = ("fp32", "fp16", "int8")
     description = "ONNX for onnxruntime (CPU/GPU/mobile)"
 
     def build(self, ctx: BuildContext, staging: Path) -> BuildOutput:
@@ -32,7 +32,22 @@ class OnnxTarget(Target):
             recipe.update(method="onnxruntime float16 converter", io_types="float32",
                           note="FP16 is for GPU/mobile runtimes: onnxruntime on x86 CPU has no FP16 conv kernels, "
                                "so CPU latency here is not expected to improve")
-        return BuildOutput(model_file=MODEL_FILE, files=[MODEL_FILE], export=info.to_dict(), recipe=recipe)
+        extra = {}
+        if ctx.precision == "int8":
+            from exporters import quant_ort
+
+            from .int8 import quantize_for_target, side_by_side_latency
+
+            recipe = quantize_for_target(ctx, fp32_path, out, recipe_module=quant_ort, work=staging)
+            onnx_exporter.set_metadata_file(out, {**ctx.metadata, "edgecnn.int8_recipe": quant_ort.NAME})
+            if ctx.options.latency:
+                ctx.say("timing FP32 and INT8 side by side (batch 1)")
+                extra["int8"] = side_by_side_latency(fp32_path, out, ctx.spec.shape, threads=ctx.options.threads,
+                                                     seed=ctx.options.seed)
+            else:
+                extra["int8"] = {"fp32_bytes": os.path.getsize(fp32_path), "int8_bytes": os.path.getsize(out)}
+            os.remove(fp32_path)
+        return BuildOutput(model_file=MODEL_FILE, files=[MODEL_FILE], export=info.to_dict(), recipe=recipe, extra=extra)
 
     def open_runner(self, bundle: Path, manifest: dict, threads: int = 1):
         return OnnxRuntimeRunner(Path(bundle) / manifest["model_file"], threads=threads)

@@ -114,6 +114,7 @@ def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float
             p.passed = p.sqnr_db >= INT8_RANDOM_MIN_SQNR_DB
     else:
         raise ValueError(f"no parity gate for precision {precision!r}")
+    p.passed = bool(p.passed)  # a numpy bool (from a numpy SQNR) breaks json.dumps of the manifest
     if not p.passed:
         p.reason = f"gate {p.gate} not met: " + _measured(p, precision)
     return p
