@@ -197,7 +197,26 @@ class Staging:
             raise OutputError(f"cannot write to {self.final.parent} (permission denied)", hint="choose another OUT") from None
         except OSError as exc:
             raise OutputError(f"cannot write to {self.final.parent} ({exc.strerror})", hint="choose another OUT") from None
+        self._refuse_foreign()
         return self
+
+    def _refuse_foreign(self) -> None:
+        """Never swap away something that is not an artefact: a file, a link, or a folder without a manifest
+        (the swap would otherwise move a user's own files into a staging folder and delete them)."""
+        final = self.final
+        if not os.path.lexists(final):
+            return
+        if final.is_symlink() or not final.is_dir():
+            self._discard()
+            raise OutputError(f"{final} exists and is not an artefact folder (a {'link' if final.is_symlink() else 'file'})",
+                              hint="move it away or choose another OUT")
+        if not (final / MANIFEST).is_file() and any(final.iterdir()):
+            self._discard()
+            raise OutputError(f"{final} exists and is not an edgecnn artefact (no {MANIFEST}); refusing to replace it",
+                              hint="move it away or choose another OUT")
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> Path:
         with _signals_deferred():
