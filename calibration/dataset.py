@@ -80,8 +80,19 @@ class CalibrationSet:
             log.warning("calibration set smaller than asked: %d of %d images available in %s (the rest are held out "
                         "for evaluation)", len(calib), calib_size, name)
         cdir = Path(cache_dir) if cache_dir else (default_cache_dir() / "calib" if cache else None)
-        return cls(spec=spec, source=name, calib_items=calib, eval_items=evals, seed=seed, strict=strict,
+        made = cls(spec=spec, source=name, calib_items=calib, eval_items=evals, seed=seed, strict=strict,
                    cache_dir=cdir if cache else None)
+        if strict:
+            made.check_readable()
+        return made
+
+    def check_readable(self) -> None:
+        """Decode every selected image once (one at a time, filling the cache); raise on the first bad one.
+
+        Strict mode needs this up front: an FP32 export of a net without BatchNorm never reads the
+        calibration split, so a broken file there would otherwise pass unnoticed."""
+        for item in self.calib_items + self.eval_items:
+            self.load_item(item)
 
     # ------------------------------------------------------------------ loading
     def _cache_path(self, item: Item) -> Optional[Path]:

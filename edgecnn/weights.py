@@ -166,6 +166,10 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
     except ValueError:
         raise InputError(f"{path}: no state dict inside (found {type(obj).__name__})",
                          hint="save with torch.save(model.state_dict(), path)") from None
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # an Inf weight can still give finite (wrong) outputs after tanh/clamp: refuse it at the source
+        raise InputError(f"{path}: checkpoint holds NaN/Inf values ({len(bad)} tensor(s), e.g. {', '.join(bad[:2])})",
+                         hint="a diverged training run? use an earlier checkpoint")
     if entry.packaged_weights and any(k.startswith("_blocks.") for k in state):
         from .zoo.efficientnet_lite import convert_lite0_state_dict
 
