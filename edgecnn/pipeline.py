@@ -191,7 +191,8 @@ def _labels(entry, num_classes: int, labels_file: Optional[str]) -> list:
         try:
             labels = [ln.rstrip("\n") for ln in Path(labels_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as exc:
-            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})") from None
+            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})",
+                             hint="pass a text file with one label per line, in class-index order") from None
         if len(labels) != num_classes:
             raise InputError(f"{labels_file} has {len(labels)} labels but the model has {num_classes} classes",
                              hint="one label per line, in class-index order")

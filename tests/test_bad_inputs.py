@@ -793,3 +793,35 @@ def test_extra_file_in_bundle(work, good_bundle):
 
 def test_verify_not_a_folder(work):
     check("verify_not_a_folder", *run_main(["verify", str(work / "nothing-here")]))
+
+
+def test_manifest_bad_types(work, good_bundle):
+    b = copy_bundle(good_bundle, work / "b_types")
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"] = [{"path": "model.onnx"}]          # a list where an object of hashes belongs
+    (b / "manifest.json").write_text(json.dumps(m))
+    check("manifest_bad_types", *run_main(["verify", str(b)]))
+
+
+def test_manifest_path_outside(work, good_bundle):
+    b = copy_bundle(good_bundle, work / "b_escape")
+    m = json.loads((b / "manifest.json").read_text())
+    m["files"]["../../etc/passwd"] = dict(m["files"]["labels.txt"])
+    (b / "manifest.json").write_text(json.dumps(m))
+    check("manifest_path_outside", *run_main(["verify", str(b)]))
+
+
+def test_truncated_model_file(work, good_bundle):
+    b = copy_bundle(good_bundle, work / "b_cut")
+    data = (b / "model.onnx").read_bytes()
+    (b / "model.onnx").write_bytes(data[:-100])
+    check("truncated_model_file", *run_main(["verify", str(b)]))
+
+
+def test_bundle_symlink(work, good_bundle):
+    """A bundle whose model is a link to a file elsewhere (same bytes: hashes match) is refused."""
+    b = copy_bundle(good_bundle, work / "b_link")
+    outside = work / "elsewhere.onnx"
+    shutil.move(b / "model.onnx", outside)
+    os.symlink(outside, b / "model.onnx")
+    check("bundle_symlink", *run_main(["verify", str(b)]))
