@@ -149,11 +149,11 @@ def verify(root: str | os.PathLike) -> dict:
     for rel, meta in sorted(expected.items()):
         if rel not in actual:
             problems.append(f"{rel}: missing")
-        elif actual[rel]["bytes"] != meta.get("bytes"):
-            problems.append(f"{rel}: {actual[rel]['bytes']} bytes, manifest says {meta.get('bytes')}")
-        elif actual[rel]["sha256"] != meta.get("sha256"):
+        elif actual[rel]["sha256"] != meta.get("sha256") or actual[rel]["bytes"] != meta.get("bytes"):
+            size = actual[rel]["bytes"]
             problems.append(f"{rel}: sha256 mismatch (manifest {meta.get('sha256', '')[:12]}…, file "
-                            f"{actual[rel]['sha256'][:12]}…)")
+                            f"{actual[rel]['sha256'][:12]}…)"
+                            + (f", {size} bytes, manifest says {meta.get('bytes')}" if size != meta.get("bytes") else ""))
     for rel in sorted(set(actual) - set(expected)):
         problems.append(f"{rel}: not listed in the manifest")
     if problems:
