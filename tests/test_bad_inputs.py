@@ -11,6 +11,7 @@ ONNX files written by the exporter.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -579,6 +580,7 @@ def test_calib_corrupt_jpeg(work, photos):
 
 def test_calib_corrupt_skipped(work, photos, caplog):
     """Without --strict-calib a bad file is skipped with a warning and recorded in the manifest."""
+    caplog.set_level(logging.WARNING, logger="calibration")  # (a conftest may have raised caplog's level)
     folder = calib_folder(work, "c_skip", photos)
     corrupt_jpeg(folder / "broken.jpg")
     out = work / "out_skip"
@@ -701,6 +703,7 @@ def test_calib_unreadable_folder(public_tmp, photos):
 
 
 def test_calib_smaller_than_asked(work, photos, caplog):
+    caplog.set_level(logging.WARNING, logger="calibration")
     rc, out, err = run_main(export_args(work, "--calib-size", "50", calib=photos))
     check("calib_smaller_than_asked", rc, out, err, also=caplog.text)
 
