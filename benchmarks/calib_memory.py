@@ -4,7 +4,8 @@ Generates N real-photo crops (JPEG, 160x120) in a temporary folder, then in a fr
   iter_batches  CalibrationSet.create(folder, 224-px spec, calib_size=N) and iter_batches over all N
                 (the streaming path every calibrator uses), batch 16, cache off;
   pipeline      `edgecnn export squeezenet1_1 --calib folder --calib-size N` (listing and hashing all N,
-                the split, BatchNorm re-estimation, held-out evaluation, export, validation).
+                the split — half the files are held out, so N/2 calibration images — BatchNorm
+                re-estimation, held-out evaluation, export, validation).
 and reports peak RSS (ru_maxrss) for N = 200 and 2,000. Holding every preprocessed image at once
 would add N x 3x224x224x4 B = 0.6 MB per image (1.2 GB at 2,000); streaming should add next to nothing.
 

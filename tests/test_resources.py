@@ -60,7 +60,7 @@ def test_pipeline_memory_2000_images(tmp_path):
     write_photos(folder_large, 2000, size=(96, 72))
     a = calib_memory.measure_pipeline(folder_small, 200, tmp_path)
     b = calib_memory.measure_pipeline(folder_large, 2000, tmp_path)
-    assert b["calibration_images"] > 1000
+    assert b["calibration_images"] >= 1000  # half the files (groups) are held out for evaluation
     assert b["peak_mb"] - a["peak_mb"] < 60, (a, b)
 
 
