@@ -41,17 +41,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# $(call q,VAR): VAR's raw text as one single-quoted shell word, expanded neither by make nor by the shell,
+# so ARCH='x";rm -rf ~;"' or ARCH='`cmd`' reach edgecnn as a (wrong) name instead of running. EXTRA stays
+# shell text on purpose: it is extra options. `unexport`: make would otherwise expand a command-line value
+# such as ARCH='$(shell cmd)' when putting it in the recipe's environment.
+unexport ARCH TARGET PRECISION WEIGHTS CALIB OUT DIR
+q = '$(subst ','\'',$(value $(1)))'
+
 export: $(STAMP)
-	$(PY) -m edgecnn export "$(ARCH)" --target "$(TARGET)" $(if $(PRECISION),--precision "$(PRECISION)") \
-		--weights "$(WEIGHTS)" $(if $(CALIB),--calib "$(CALIB)") --out "$(OUT)" $(EXTRA)
+	$(PY) -m edgecnn export $(call q,ARCH) --target $(call q,TARGET) $(if $(value PRECISION),--precision $(call q,PRECISION)) \
+		--weights $(call q,WEIGHTS) $(if $(value CALIB),--calib $(call q,CALIB)) --out $(call q,OUT) $(EXTRA)
 
 validate: $(STAMP)
-	@test -n "$(DIR)" || { echo "usage: make validate DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
-	$(PY) -m edgecnn validate "$(DIR)"
+	@test -n $(call q,DIR) || { echo "usage: make validate DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
+	$(PY) -m edgecnn validate $(call q,DIR)
 
 verify: $(STAMP)
-	@test -n "$(DIR)" || { echo "usage: make verify DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
-	$(PY) -m edgecnn verify "$(DIR)"
+	@test -n $(call q,DIR) || { echo "usage: make verify DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
+	$(PY) -m edgecnn verify $(call q,DIR)
 
 list: $(STAMP)
 	$(PY) -m edgecnn list

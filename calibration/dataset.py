@@ -73,11 +73,26 @@ class CalibrationSet:
         calib, evals = split_items(items, calib_size=calib_size, eval_size=eval_size,
                                    eval_fraction=eval_fraction, seed=seed)
         if calib_size and len(calib) < calib_size and name != SAMPLE_PHOTOS:
+            if strict:  # --strict-calib: a smaller set than asked is an error, not a warning
+                raise CalibrationError(f"calibration set smaller than asked: {len(calib)} of {calib_size} images "
+                                       f"available in {name} (the rest are held out for evaluation)",
+                                       hint=f"add images, or ask for --calib-size {len(calib)}", path=name)
             log.warning("calibration set smaller than asked: %d of %d images available in %s (the rest are held out "
                         "for evaluation)", len(calib), calib_size, name)
         cdir = Path(cache_dir) if cache_dir else (default_cache_dir() / "calib" if cache else None)
-        return cls(spec=spec, source=name, calib_items=calib, eval_items=evals, seed=seed, strict=strict,
+        made = cls(spec=spec, source=name, calib_items=calib, eval_items=evals, seed=seed, strict=strict,
                    cache_dir=cdir if cache else None)
+        if strict:
+            made.check_readable()
+        return made
+
+    def check_readable(self) -> None:
+        """Decode every selected image once (one at a time, filling the cache); raise on the first bad one.
+
+        Strict mode needs this up front: an FP32 export of a net without BatchNorm never reads the
+        calibration split, so a broken file there would otherwise pass unnoticed."""
+        for item in self.calib_items + self.eval_items:
+            self.load_item(item)
 
     # ------------------------------------------------------------------ loading
     def _cache_path(self, item: Item) -> Optional[Path]:
@@ -133,7 +148,8 @@ class CalibrationSet:
         if not batches:
             raise CalibrationError(
                 f"no usable images in the {split} split of {self.source} ({len(self.skipped)} skipped: "
-                + "; ".join(self.skipped[:3]) + ")", path=self.source)
+                + "; ".join(self.skipped[:3]) + ")",
+                hint="fix or remove the files named, or pass a folder of readable images", path=self.source)
         return np.concatenate(batches)
 
     def pixels(self, split: str = "eval", limit: Optional[int] = None) -> tuple:

@@ -61,14 +61,16 @@ def load_image(path: str | os.PathLike, color: str = "RGB") -> Image.Image:
     except BadImageError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise BadImageError(f"{path}: image too large ({exc})", path=path) from None
+        raise BadImageError(f"{path}: image too large ({exc})", hint="downscale it or leave it out of the calibration set",
+                            path=path) from None
     except FileNotFoundError:
         raise BadImageError(f"{path}: file not found", path=path) from None
     except PermissionError:
         raise BadImageError(f"{path}: permission denied", hint="make it readable", path=path) from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else str(exc) or type(exc).__name__
-        raise BadImageError(f"{path}: cannot decode image ({reason})", path=path) from None
+        raise BadImageError(f"{path}: cannot decode image ({reason})",
+                            hint="re-save or remove it (without --strict-calib bad files are skipped)", path=path) from None
 
 
 def resize_crop(img: Image.Image, spec: InputSpec) -> Image.Image:

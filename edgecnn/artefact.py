@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -102,7 +103,40 @@ def read_manifest(root: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise IntegrityError(f"{path}: manifest lacks {', '.join(missing)}")
+    wrong = _schema_problems(manifest)
+    if wrong:
+        raise IntegrityError(f"{path}: manifest does not follow schema {SCHEMA_VERSION}: " + "; ".join(wrong[:3]),
+                             hint="the manifest was edited or damaged; re-export or pull the artefact again")
     return manifest
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _schema_problems(manifest: dict) -> list:
+    """Types of the fields verify and the validator rely on (a wrong type must not become a traceback)."""
+    problems = []
+    for key in ("edgecnn_version", "arch", "target", "precision", "status"):
+        if not isinstance(manifest.get(key), str):
+            problems.append(f"{key} must be a string")
+    if manifest.get("status") not in ("validated", "pending", "failed", "building"):
+        problems.append(f"status {manifest.get('status')!r} is not validated, pending or failed")
+    if not isinstance(manifest.get("input"), dict):
+        problems.append("input must be an object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        problems.append("files must be a non-empty object {path: {sha256, bytes}}")
+        return problems
+    for rel, meta in files.items():
+        if not isinstance(meta, dict) or not _HEX64.match(str(meta.get("sha256", ""))) \
+                or not isinstance(meta.get("bytes"), int):
+            problems.append(f"files[{rel!r}] must be {{sha256: 64 hex digits, bytes: integer}}")
+        elif rel.startswith("/") or ".." in rel.split("/"):
+            problems.append(f"files[{rel!r}] points outside the bundle")
+    model = manifest.get("model_file")
+    if model is not None and model not in files:
+        problems.append(f"model_file {model!r} is not among the hashed files")
+    return problems
 
 
 def verify(root: str | os.PathLike) -> dict:
@@ -110,13 +144,16 @@ def verify(root: str | os.PathLike) -> dict:
     manifest = read_manifest(root)
     expected = manifest["files"]
     actual = hash_tree(root)
-    problems = []
+    problems = [f"{p.relative_to(root).as_posix()}: a symbolic link (a bundle holds plain files only)"
+                for p in sorted(Path(root).rglob("*")) if p.is_symlink()]
     for rel, meta in sorted(expected.items()):
         if rel not in actual:
             problems.append(f"{rel}: missing")
-        elif actual[rel]["sha256"] != meta.get("sha256"):
+        elif actual[rel]["sha256"] != meta.get("sha256") or actual[rel]["bytes"] != meta.get("bytes"):
+            size = actual[rel]["bytes"]
             problems.append(f"{rel}: sha256 mismatch (manifest {meta.get('sha256', '')[:12]}…, file "
-                            f"{actual[rel]['sha256'][:12]}…)")
+                            f"{actual[rel]['sha256'][:12]}…)"
+                            + (f", {size} bytes, manifest says {meta.get('bytes')}" if size != meta.get("bytes") else ""))
     for rel in sorted(set(actual) - set(expected)):
         problems.append(f"{rel}: not listed in the manifest")
     if problems:
@@ -197,7 +234,26 @@ class Staging:
             raise OutputError(f"cannot write to {self.final.parent} (permission denied)", hint="choose another OUT") from None
         except OSError as exc:
             raise OutputError(f"cannot write to {self.final.parent} ({exc.strerror})", hint="choose another OUT") from None
+        self._refuse_foreign()
         return self
+
+    def _refuse_foreign(self) -> None:
+        """Never swap away something that is not an artefact: a file, a link, or a folder without a manifest
+        (the swap would otherwise move a user's own files into a staging folder and delete them)."""
+        final = self.final
+        if not os.path.lexists(final):
+            return
+        if final.is_symlink() or not final.is_dir():
+            self._discard()
+            raise OutputError(f"{final} exists and is not an artefact folder (a {'link' if final.is_symlink() else 'file'})",
+                              hint="move it away or choose another OUT")
+        if not (final / MANIFEST).is_file() and any(final.iterdir()):
+            self._discard()
+            raise OutputError(f"{final} exists and is not an edgecnn artefact (no {MANIFEST}); refusing to replace it",
+                              hint="move it away or choose another OUT")
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def commit(self) -> Path:
         with _signals_deferred():

@@ -13,7 +13,38 @@ import signal
 import sys
 from typing import List, Optional
 
-from .errors import EXIT_INTERRUPTED, EdgeError, Interrupted
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgeError, Interrupted
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error style: one line (what, what to do) and exit 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} — see `{self.prog} --help`\n")
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (a negative image count or 0 threads is a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
 
 
 def _add_export(sub) -> None:
@@ -25,18 +56,19 @@ def _add_export(sub) -> None:
     p.add_argument("--calib", default=None, help="calibration images: a folder, a .txt list or an .npy/.npz "
                                                   "(default: the bundled sample photos)")
     p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
-    p.add_argument("--calib-size", type=int, default=256, help="calibration images to use (default 256)")
-    p.add_argument("--eval-size", type=int, default=96, help="held-out images for parity (default 96)")
+    p.add_argument("--calib-size", type=_count(0), default=256, help="calibration images to use (default 256; 0: all)")
+    p.add_argument("--eval-size", type=_count(0), default=96, help="held-out images for parity (default 96; 0: all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and splitting (default 0)")
-    p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image instead of skipping")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of a custom checkpoint's head")
+    p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image, or on a calibration set smaller than "
+                                                                      "--calib-size, instead of warning")
+    p.add_argument("--num-classes", type=_count(1), default=None, help="classes of a custom checkpoint's head")
     p.add_argument("--labels", default=None, help="labels file (one per line) for a custom checkpoint")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a full-model pickle (runs code from the file: only for files you trust)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17: TensorRT 8.5/8.6 parse <= 17)")
+    p.add_argument("--opset", type=_opset, default=17, help="ONNX opset (default 17: TensorRT 8.5/8.6 parse <= 17)")
     p.add_argument("--onnx-exporter", default="auto", choices=("auto", "torchscript", "dynamo"))
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
-    p.add_argument("--threads", type=int, default=1, help="threads for latency measurement (default 1)")
+    p.add_argument("--threads", type=_count(1), default=1, help="threads for latency measurement (default 1)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--int8-min-agreement", type=float, default=0.99,
                    help="INT8 gate: top-1 agreement with FP32 on held-out images (default 0.99)")
@@ -44,7 +76,7 @@ def _add_export(sub) -> None:
                    help="INT8 activation range estimation (default minmax; ranges are cached per model + calibration set)")
     p.add_argument("--no-int8-fallback", action="store_true",
                    help="INT8: skip the per-layer sensitivity analysis and float fallback")
-    p.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for another export of the same bundle")
+    p.add_argument("--lock-timeout", type=_seconds, default=600.0, help="seconds to wait for another export of the same bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
 
@@ -126,14 +158,14 @@ def _cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgecnn", description="Classic CNNs -> validated ONNX / TensorRT / Core ML artefacts")
+    parser = _Parser(prog="edgecnn", description="Classic CNNs -> validated ONNX / TensorRT / Core ML artefacts")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_export(sub)
     v = sub.add_parser("validate", help="validate an artefact folder on this machine (parity + latency)")
     v.add_argument("dir")
-    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--threads", type=_count(1), default=1)
     v.add_argument("--no-latency", action="store_true")
     v.add_argument("--json", action="store_true")
     l = sub.add_parser("list", help="list the architectures of the zoo")
@@ -156,6 +188,44 @@ COMMAND_MODULES: List[str] = [
 ]
 
 
+class _OneLineFormatter(logging.Formatter):
+    """``warning: <first line>``: a library's logged traceback stays out of the report unless --debug."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage().strip().splitlines()
+        return f"warning: {text[0] if text else ''}"
+
+
+OWN_LOGGERS = ("edgecnn", "calibration", "exporters")
+
+
+def _setup_logging(debug: bool) -> None:
+    """Our own warnings on stderr, one line each; other libraries only from ERROR (all of it with --debug)."""
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        return
+    root = logging.getLogger()
+    if root.handlers:  # embedded (pytest, an application): leave its logging alone
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter())
+    root.addHandler(handler)
+    root.setLevel(logging.ERROR)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _opset(text: str) -> int:
+    """argparse type: an ONNX opset the installed onnx knows (7 is the oldest any exporter writes)."""
+    value = _count(7)(text)
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if value > newest:
+        raise argparse.ArgumentTypeError(f"opset {value} is newer than this onnx knows ({newest})")
+    return value
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -171,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="warning: %(message)s")
+    _setup_logging(args.debug)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: staging folders are removed
     try:
         return COMMANDS[args.command](args)

@@ -8,6 +8,8 @@ it is kept beside it as ``<target>-<precision>.failed`` for inspection, and the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ from calibration import CalibrationError, CalibrationSet
 from exporters.common import ExportError
 
 from . import artefact, targets, weights as weights_mod, zoo
-from .errors import GateFailed, InputError, ToolchainError, UsageError
+from .errors import GateFailed, InputError, OutputError, ToolchainError, UsageError
 from .progress import Progress
 from .targets import BuildContext, ExportOptions
 from .validate import REFERENCE_FILE, check_parity, fp32_noise_floor, measure_latency, torch_reference
@@ -132,7 +134,8 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                        calib=calib_set, eval_inputs=eval_inputs, reference=reference, trained=winfo.pretrained,
                        options=options, metadata=metadata, say=say)
 
-    with artefact.locked(final, timeout=lock_timeout, on_wait=lambda who: say(f"waiting: {final} is locked by {who}")):
+    with _write_errors_to_output_error(final), \
+            artefact.locked(final, timeout=lock_timeout, on_wait=lambda who: say(f"waiting: {final} is locked by {who}")):
         with artefact.Staging(final) as staging:
             try:
                 built = tgt.build(ctx, staging.path)
@@ -183,12 +186,32 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
     return ExportResult(final, status, manifest, time.perf_counter() - t_start)
 
 
+# A failed write of the bundle is the output location's fault (exit 4), whichever step hit it.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def _write_errors_to_output_error(final: Path):
+    """Disk full, file-size limit, read-only or permission errors while writing the bundle -> OutputError.
+
+    Staging is removed by then (``artefact.Staging.__exit__``), so the message can promise that."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputError(f"cannot write the artefact under {final.parent} ({exc.strerror})",
+                          hint="free some space or choose another OUT; nothing half-written was left behind"
+                          + (", the previous artefact is untouched" if final.exists() else "")) from None
+
+
 def _labels(entry, num_classes: int, labels_file: Optional[str]) -> list:
     if labels_file:
         try:
             labels = [ln.rstrip("\n") for ln in Path(labels_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as exc:
-            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})") from None
+            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})",
+                             hint="pass a text file with one label per line, in class-index order") from None
         if len(labels) != num_classes:
             raise InputError(f"{labels_file} has {len(labels)} labels but the model has {num_classes} classes",
                              hint="one label per line, in class-index order")

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import pickle
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
@@ -160,22 +160,16 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
         raise InputError(f"checkpoint not found: {path}", hint="check the path, or use WEIGHTS=auto|imagenet|none")
     if p.is_dir():
         raise InputError(f"checkpoint path is a folder: {path}", hint="pass the .pt/.pth file")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not trust:
-            raise InputError(f"{path}: not a weights-only checkpoint (it pickles Python objects, e.g. a whole model)",
-                             hint="re-save it with torch.save(model.state_dict()), or pass --trust-checkpoint "
-                                  "if you trust who made it (loading runs its code)") from None
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
-                         hint="the file is truncated or not a PyTorch checkpoint") from None
+    obj = _load_checkpoint(p, path, trust)
     try:
         state = _unwrap_state_dict(obj)
     except ValueError:
         raise InputError(f"{path}: no state dict inside (found {type(obj).__name__})",
                          hint="save with torch.save(model.state_dict(), path)") from None
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # an Inf weight can still give finite (wrong) outputs after tanh/clamp: refuse it at the source
+        raise InputError(f"{path}: checkpoint holds NaN/Inf values ({len(bad)} tensor(s), e.g. {', '.join(bad[:2])})",
+                         hint="a diverged training run? use an earlier checkpoint")
     if entry.packaged_weights and any(k.startswith("_blocks.") for k in state):
         from .zoo.efficientnet_lite import convert_lite0_state_dict
 
@@ -185,6 +179,58 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
     _load_strict(model, state, entry, path)
     return model.eval(), WeightsInfo(source=f"checkpoint:{os.path.abspath(path)}", pretrained=True,
                                      sha256=file_sha256(p), num_classes=n)
+
+
+def _torch_load(p: Path, weights_only: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's pickle-protocol notes would break the one-line report
+        return torch.load(p, map_location="cpu", weights_only=weights_only)
+
+
+def _unsafe_globals(p: Path) -> list:
+    """The Python objects a pickle would import (torch lists them without running anything)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(p))
+    except Exception:  # older torch, or not a torch zip file: the names are a nicety
+        return []
+
+
+def _load_checkpoint(p: Path, path: str, trust: bool):
+    """torch.load with weights_only=True; any failure is one InputError line, never a traceback.
+
+    torch raises many types for a bad file (RuntimeError for a cut zip, EOFError for an empty file,
+    KeyError/UnpicklingError for text, ...): a weights-only refusal is told apart by torch's own
+    message, so a full-model pickle gets the --trust-checkpoint hint and a damaged file does not.
+    """
+    def unreadable(exc: BaseException) -> InputError:
+        text = str(exc).strip().splitlines()
+        detail = text[0][:160] if text else ""
+        detail = detail if len(detail) > 12 else f"{type(exc).__name__} {detail}".strip()
+        return InputError(f"{path}: cannot read checkpoint ({detail})",
+                          hint="the file is truncated or not a PyTorch checkpoint: re-save it with "
+                               "torch.save(model.state_dict(), path)")
+
+    try:
+        return _torch_load(p, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise unreadable(exc) from None
+        if not trust:
+            names = _unsafe_globals(p)
+            what = f"it pickles Python objects: {', '.join(names[:3])}" if names else \
+                "it pickles Python objects, e.g. a whole model"
+            raise InputError(f"{path}: not a weights-only checkpoint ({what})",
+                             hint="re-save it with torch.save(model.state_dict()), or pass --trust-checkpoint "
+                                  "if you trust who made it (loading runs its code)") from None
+    except MemoryError:
+        raise InputError(f"{path}: checkpoint too large to load in memory", hint="is it really a weights file?") from None
+    except Exception as exc:  # noqa: BLE001 - every other failure means "cannot read this file"
+        raise unreadable(exc) from None
+    log.warning("%s: loading a full pickle (--trust-checkpoint): this runs code from the file", path)
+    try:
+        return _torch_load(p, weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise unreadable(exc) from None
 
 
 def _infer_num_classes(entry: ModelEntry, state: Dict[str, torch.Tensor]) -> Optional[int]:

@@ -126,6 +126,8 @@ def export_onnx(module, spec: InputSpec, path: str | os.PathLike, *, opset: int 
             try:
                 _export_torchscript(module, dummy, path, opset, spec.name, dynamic_batch)
                 info_exporter = "torchscript"
+            except OSError:
+                raise  # the disk is full or not writable: another exporter would fail the same way
             except Exception as exc:  # the TorchScript exporter raises many types; all mean "try dynamo"
                 if exporter == "torchscript":
                     raise ExportError(f"TorchScript ONNX export failed: {_first_line(exc)}",
@@ -136,6 +138,8 @@ def export_onnx(module, spec: InputSpec, path: str | os.PathLike, *, opset: int 
         if info_exporter == "dynamo":
             try:
                 _export_dynamo(module, dummy, path, opset, spec.name, dynamic_batch)
+            except OSError:
+                raise
             except Exception as exc:
                 raise ExportError(f"ONNX export failed with the dynamo exporter: {_first_line(exc)}"
                                   + (f" (after: {fallback_reason})" if fallback_reason else "")) from exc

@@ -19,7 +19,14 @@ class OnnxRuntimeRunner:
         self.threads = threads
         self.providers = list(providers or ["CPUExecutionProvider"])
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(os.fspath(path), opts, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(os.fspath(path), opts, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
+            from ..errors import InputError
+
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"{path}: onnxruntime cannot load it as an ONNX model ({detail})",
+                             hint="the file is not ONNX or is damaged: re-export it") from None
         self.load_seconds = time.perf_counter() - t0
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type
