@@ -40,6 +40,8 @@ def _add_export(sub) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--int8-min-agreement", type=float, default=0.99,
                    help="INT8 gate: top-1 agreement with FP32 on held-out images (default 0.99)")
+    p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
+                   help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
     p.add_argument("--lock-timeout", type=float, default=600.0, help="seconds to wait for another export of the same bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -53,7 +55,8 @@ def _cmd_export(args) -> int:
     precision = args.precision or ("fp16" if target.strip().lower() == "coreml" else "fp32")
     options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
-                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement)
+                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
+                            extra={k: v for k, v in (("ios", args.ios),) if v is not None})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet)
@@ -74,7 +77,11 @@ def _cmd_validate(args) -> int:
             p = result["parity"]
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
                   f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
-        if "latency" in result:
+        if "latency" in result and "not_measured" in result["latency"]:
+            print(f"  latency  {result['latency']['not_measured']}")
+        if "runtime" in result:
+            print(f"  runtime  {result['runtime'].get('runtime')}")
+        if "latency" in result and "batch1" in result["latency"]:
             b1 = result["latency"]["batch1"]
             print(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
         if "reason" in result:

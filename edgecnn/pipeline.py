@@ -67,7 +67,11 @@ class ExportResult:
                          f"{lat['runtime'].get('threads', '?')} thread(s))")
             if lat.get("speedup_vs_fp32"):
                 lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
-        elif m.get("pending"):
+        elif lat and lat.get("not_measured"):
+            lines.append(f"  latency  {lat['not_measured']}")
+        if p and lat and lat.get("runtime", {}).get("runtime"):
+            lines.append(f"  runtime  parity measured with {lat['runtime']['runtime']}")
+        if m.get("pending"):
             lines.append(f"  pending  {m['pending']}")
         return "\n".join(lines)
 
@@ -142,6 +146,9 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     manifest["parity"] = parity.to_dict()
                     if not parity.passed:
                         status = "failed"
+                    elif options.latency and getattr(runner, "latency_reason", None):
+                        # e.g. the Core ML reference executor on Linux: its speed says nothing of an iPhone
+                        manifest["latency"] = {"not_measured": runner.latency_reason, "runtime": runner.describe()}
                     elif options.latency:
                         say("measuring latency")
                         manifest["latency"] = measure_latency(runner, entry.spec.shape, seed=options.seed)

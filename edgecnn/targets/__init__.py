@@ -6,11 +6,12 @@ from typing import Dict
 
 from ..errors import UsageError
 from .base import BuildContext, BuildOutput, ExportOptions, Target
+from .coreml import CoreMLTarget
 from .onnx import OnnxTarget
 
 TARGET_NAMES = ("onnx", "trt", "coreml")  # the names the CLI and Makefile accept
 _ALIASES = {"tensorrt": "trt", "coremltools": "coreml", "mlpackage": "coreml", "ort": "onnx", "onnxruntime": "onnx"}
-_TARGETS: Dict[str, Target] = {"onnx": OnnxTarget()}
+_TARGETS: Dict[str, Target] = {"onnx": OnnxTarget(), "coreml": CoreMLTarget()}
 
 
 def register(target: Target) -> None:
