@@ -237,6 +237,10 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
     ct = import_coremltools()
     target = {16: ct.target.iOS16, 17: ct.target.iOS17, 18: ct.target.iOS18}[ios]
     compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
+    if variant == "image" and precision != "fp32":
+        # keep the in-model normalisation in FP32 (FP16 there loses input precision near the mean, where
+        # (x/255 - mean) cancels); FP16 from the first layer on, as in the tensor variant
+        compute = ct.transform.FP16ComputePrecision(op_selector=_not_preprocessing(IMAGE_INPUT))
     shape = spec.batch_shape(1)
     classifier = None
     if variant == "image":
@@ -265,6 +269,22 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
         return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
                           classifier_config=classifier, pass_pipeline=ct.PassPipeline.EMPTY,
                           compute_precision=ct.precision.FLOAT32)
+
+
+_PREPROCESS_OPS = ("mul", "sub", "add", "real_div")
+
+
+def _not_preprocessing(input_name: str):
+    """FP16 op selector: False for the elementwise chain that starts at the image input (scale, -mean, /std)."""
+    def from_input(var, depth: int = 0) -> bool:
+        op = var.op
+        if op is None:
+            return var.name == input_name
+        if depth > 4 or op.op_type not in _PREPROCESS_OPS or "x" not in op.inputs:
+            return False
+        return from_input(op.inputs["x"], depth + 1)
+
+    return lambda op: not (op.op_type in _PREPROCESS_OPS and "x" in op.inputs and from_input(op.inputs["x"]))
 
 
 def _weight_quant_pass():

@@ -1,0 +1,78 @@
+"""The coreml target through the one pipeline: bundle contents, manifest, parity from the reference
+executor, latency honestly "not measured" on Linux, and validation of a finished bundle."""
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+import pytest
+
+from edgecnn import pipeline, targets
+from edgecnn.cli import main as cli_main
+from edgecnn.errors import UsageError
+from edgecnn.targets import ExportOptions
+from edgecnn.validate.bundle import validate_bundle
+
+LINUX = platform.system() != "Darwin"
+
+
+def _opts(**extra):
+    return ExportOptions(calib_size=32, eval_size=16, extra=extra)
+
+
+def test_target_registered_with_precisions():
+    t = targets.get("coreml")
+    assert t.name == "coreml" and set(t.precisions) == {"fp32", "fp16", "int8", "int8-weights"}
+    assert targets.get("mlpackage") is t
+
+
+@pytest.mark.skipif(not LINUX, reason="on macOS the real Core ML runtime validates and latency is measured")
+def test_export_fp16_bundle_on_linux(tmp_path):
+    res = pipeline.export("mobilenet_v3_small", "coreml", "fp16", "none", None, tmp_path, options=_opts(), quiet=True)
+    m = res.manifest
+    assert res.status == "validated"
+    assert m["model_file"] == "model.mlpackage"
+    files = m["files"]
+    assert any(k.startswith("model.mlpackage/") for k in files) and any(k.startswith("model_tensor.mlpackage/") for k in files)
+    assert any(k.endswith("weights/weight.bin") for k in files)
+    assert m["parity"]["passed"] and m["parity"]["min_cosine"] >= 0.999
+    assert m["latency"]["not_measured"].startswith("not measured (needs Apple hardware)")
+    assert m["latency"]["runtime"]["runtime"] == "coreml-reference-executor"
+    assert "batch1" not in m["latency"]
+    cm = m["coreml"]
+    assert cm["variants"]["tensor"]["parity"]["passed"] and cm["variants"]["image"]["ios"] == 16
+    assert cm["metadata"]["author"] == "edgecnn" and "image" in cm["metadata"]["preprocessing"]
+    assert m["export"]["ios"] == 16 and m["recipe"]["io_types"].startswith("float32")
+    assert [o["name"] for o in m["output"]["image_variant_outputs"]] == ["classLabel", "classLabel_probs", "logits"]
+    assert "parity measured with coreml-reference-executor" in res.summary()
+    # the finished bundle validates from its own reference.npz
+    v = validate_bundle(res.path)
+    assert v["status"] == "validated" and v["runtime"]["runtime"] == "coreml-reference-executor"
+    assert "not_measured" in v["latency"]
+
+
+def test_int8_on_ios16_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="needs iOS 17"):
+        pipeline.export("lenet5", "coreml", "int8", "none", None, tmp_path, options=_opts(ios=16), quiet=True)
+
+
+def test_cli_ios_flag_and_default_precision(tmp_path, capsys):
+    rc = cli_main(["export", "lenet5", "-t", "coreml", "--ios", "18", "--weights", "none", "--out", str(tmp_path),
+                   "--calib-size", "16", "--eval-size", "8", "--json", "-q"])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["precision"] == "fp16" and m["export"]["ios"] == 18 and m["status"] == "validated"
+    assert m["coreml"]["variants"]["image"]["spec_version"] >= 9  # iOS18 = Core ML spec 9
+
+
+@pytest.mark.slow
+def test_pretrained_lite0_fp16_and_int8_agree_with_torch(tmp_path):
+    """Acceptance: pretrained EfficientNet-Lite0, FP16 and INT8 (W8A8) Core ML, top-1 agreement with torch
+    on the held-out real sample photos at the INT8 gate (99%)."""
+    for precision in ("fp16", "int8"):
+        res = pipeline.export("efficientnet_lite0", "coreml", precision, "auto", None, tmp_path, quiet=True,
+                              options=ExportOptions())
+        p = res.manifest["parity"]
+        assert res.manifest["weights"]["pretrained"]
+        assert p["top1_agreement"] >= 0.99, (precision, p)
