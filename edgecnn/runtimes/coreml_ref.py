@@ -48,7 +48,11 @@ def _round_to(value, code: int):
     float32 arrays (FP32 compute, FP16 storage); FP32 stays; integer types are kept as they are."""
     if isinstance(value, np.ndarray):
         if code == _FLOAT16:
-            return value.astype(np.float16).astype(np.float32)
+            if value.dtype != np.float32:
+                value = value.astype(np.float32)
+            # torch's FP16 rounding (F16C) gives the same bits as NumPy's astype, 15-1000x faster (NumPy
+            # converts in software, slowest on tiny values)
+            return _torch().from_numpy(np.ascontiguousarray(value)).half().float().numpy()
         if code == _FLOAT32 and value.dtype != np.float32:
             return value.astype(np.float32)
         if code in _NP_OF and code not in (_FLOAT16, _FLOAT32) and value.dtype != _NP_OF[code]:
