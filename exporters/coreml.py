@@ -155,14 +155,16 @@ W8A8_SCHEMES = ("symmetric", "affine")
 
 
 def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *,
-                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "symmetric"):
+                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine"):
     """W8A8 with ``coremltools.optimize.torch``'s LinearQuantizer, calibration only (no training).
 
     Weights: INT8 per-channel; activations: 8-bit per-tensor, ranges by a min/max observer over the
     whole calibration set (not the default moving average, whose first batch would dominate a short
-    calibration). ``scheme``: "symmetric" (coremltools' default; zero points 0/128) or "affine" (measured
-    here on pretrained EfficientNet-Lite0: top-1 agreement 67% symmetric vs 81% affine, both far
-    below the 99% gate). ``keep_float`` names modules (``named_modules`` paths) left in float: the hook
+    calibration; a histogram observer measured no better here). ``scheme``: "affine" (default) or
+    "symmetric" (coremltools' own default, zero points 0/128). Measured here in PyTorch simulation on
+    held-out sample photos: pretrained EfficientNet-Lite0 top-1 agreement 81% affine vs 67% symmetric;
+    random-init MobileNetV3-Large SQNR 12.0 vs 9.0 dB. Most of Lite0's loss is its per-channel INT8
+    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules`` paths) left in float: the hook
     for a sensitivity fallback. Returns (finalized module, info dict).
     """
     if scheme not in W8A8_SCHEMES:
@@ -379,7 +381,7 @@ def op_counts(ml) -> Dict[str, int]:
 def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precision: str = "fp16",
                   ios: Optional[int] = None, labels: Sequence[str], metadata: Optional[Dict[str, str]] = None,
                   calib_batches: Optional[Iterable[np.ndarray]] = None, variants: Sequence[str] = VARIANTS,
-                  keep_float: Sequence[str] = (), w8a8_scheme: str = "symmetric", description: str = "",
+                  keep_float: Sequence[str] = (), w8a8_scheme: str = "affine", description: str = "",
                   file_names: Optional[Dict[str, str]] = None) -> tuple:
     """Write one ``.mlpackage`` per variant into ``out_dir``.
 

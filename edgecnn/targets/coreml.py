@@ -57,7 +57,7 @@ class CoreMLTarget(Target):
         # left in float by the W8A8 quantizer. Nothing fills it automatically yet: a recipe-agnostic
         # fallback (the one written for ONNX INT8) can rank layers and pass them here, re-running build.
         keep_float = tuple(extra.get("coreml_keep_float", ()))
-        scheme = extra.get("coreml_int8_scheme", "symmetric")
+        scheme = extra.get("coreml_int8_scheme", "affine")
         calib = None
         if ctx.precision == "int8":
             ctx.say(f"W8A8: calibrating activation ranges on {len(ctx.calib.calib_items)} calibration images "
