@@ -266,6 +266,8 @@ def op_constexpr_blockwise_shift_scale(data, scale, offset=None):
 
 def op_cast(x, dtype):
     dt = _NAME_TO_NP[str(dtype)]
+    if dt == np.float16:
+        return np.asarray(x, dtype=np.float32)  # rounded to FP16 by the declared output dtype (fast path)
     if np.issubdtype(dt, np.integer) and np.issubdtype(np.asarray(x).dtype, np.floating):
         x = np.trunc(x)
     return np.asarray(x).astype(dt)
@@ -485,6 +487,11 @@ class CoreMLProgram:
             if tuple(x.shape) != shape:
                 raise InputError(f"{self.path.name}: input {name!r} has shape {tuple(x.shape)}, the program takes {shape}")
             env[name] = _round_to(x.astype(np.float32) if code in (_FLOAT16, _FLOAT32) else x, code)
+        with np.errstate(over="ignore", under="ignore"):  # exp overflow in sigmoid is exact (-> 0/1)
+            self._execute(env)
+        return {n: env[n] for n in self.output_names}
+
+    def _execute(self, env: Dict[str, Any]) -> None:
         for step in self.steps:
             kwargs = dict(step.static)
             for arg, names, is_tuple in step.dynamic:
@@ -504,7 +511,6 @@ class CoreMLProgram:
                                       else value.astype(np.float32), code)
             for n in step.free_after:
                 env.pop(n, None)
-        return {n: env[n] for n in self.output_names}
 
 
 # ---------------------------------------------------------------------------------------------- runner
