@@ -78,6 +78,7 @@ def test_squeezenet_fp32_matches_torch_on_real_images(tmp_path):
     assert info.compute_precision == "float32"
 
 
+@pytest.mark.slow  # the default run checks the same through the pipeline (tests/test_coreml_target.py)
 def test_mobilenet_v3_small_fp16_classifier_outputs(tmp_path):
     """FP16 program with FP32 I/O; the classifier's label and probabilities agree with torch's softmax."""
     results, _ = _check("mobilenet_v3_small", "fp16", tmp_path)

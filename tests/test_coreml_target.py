@@ -50,6 +50,17 @@ def test_export_fp16_bundle_on_linux(tmp_path):
     v = validate_bundle(res.path)
     assert v["status"] == "validated" and v["runtime"]["runtime"] == "coreml-reference-executor"
     assert "not_measured" in v["latency"]
+    # the classifier outputs of the image model: label and softmax probabilities agree with torch
+    from edgecnn.runtimes.coreml_ref import CoreMLProgram
+
+    with np.load(res.path / "reference.npz") as ref:
+        pixels, logits = ref["pixels"], ref["reference"]
+    labels = (res.path / "labels.txt").read_text().splitlines()
+    out = CoreMLProgram(res.path / "model.mlpackage").run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
+    assert out["classLabel"] == labels[int(logits[0].argmax())]
+    e = np.exp(logits[0] - logits[0].max())
+    got = np.array([out["classLabel_probs"][lab] for lab in labels])
+    assert abs(got.sum() - 1) < 1e-2 and np.abs(got - e / e.sum()).max() < 1e-2
 
 
 def test_int8_on_ios16_is_a_usage_error(tmp_path):
