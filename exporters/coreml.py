@@ -231,6 +231,19 @@ def _quiet():
         yield
 
 
+def classifier_labels(labels: Sequence[str]) -> List[str]:
+    """Labels made unique for the classifier's probability dictionary: ImageNet has two "crane" and two
+    "maillot" classes, which would collapse into one key; later duplicates get their index appended."""
+    seen, out = set(), []
+    for i, lab in enumerate(labels):
+        name = str(lab)
+        if name in seen:
+            name = f"{name} ({i})"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
 def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, ios: int, labels: Sequence[str]):
     """Trace and convert one variant; returns an ``MLModel`` (not saved). ``module`` is FP32 or finalized W8A8.
 
@@ -258,7 +271,7 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
         inputs = [ct.ImageType(name=IMAGE_INPUT, shape=shape, scale=float(spec.scale), color_layout=color,
                                channel_first=True)]
         outputs = [ct.TensorType(name=LOGITS, dtype=np.float32), ct.TensorType(name=PROBS, dtype=np.float32)]
-        classifier = ct.ClassifierConfig(list(labels), predicted_probabilities_output=PROBS,
+        classifier = ct.ClassifierConfig(classifier_labels(labels), predicted_probabilities_output=PROBS,
                                          predicted_feature_name=CLASS_LABEL)
     elif variant == "tensor":
         traced = _trace(module, torch.zeros(shape))

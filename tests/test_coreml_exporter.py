@@ -94,7 +94,7 @@ def test_mobilenet_v3_small_fp16_classifier_outputs(tmp_path):
     from edgecnn.runtimes.coreml_ref import to_pixels
 
     out = prog.run({"image": to_pixels(x[:1], entry.spec)})
-    labels = zoo.labels_for(entry)
+    labels = ce.classifier_labels(zoo.labels_for(entry))
     probs = torch.softmax(torch.from_numpy(ref[:1]), 1).numpy()[0]
     assert out["classLabel"] == labels[int(ref[0].argmax())]
     got = np.array([out["classLabel_probs"][lab] for lab in labels])

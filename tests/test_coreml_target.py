@@ -55,7 +55,10 @@ def test_export_fp16_bundle_on_linux(tmp_path):
 
     with np.load(res.path / "reference.npz") as ref:
         pixels, logits = ref["pixels"], ref["reference"]
-    labels = (res.path / "labels.txt").read_text().splitlines()
+    from exporters.coreml import classifier_labels
+
+    labels = classifier_labels((res.path / "labels.txt").read_text().splitlines())
+    assert len(set(labels)) == len(labels) == 1000 and "crane (517)" in labels
     out = CoreMLProgram(res.path / "model.mlpackage").run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
     assert out["classLabel"] == labels[int(logits[0].argmax())]
     e = np.exp(logits[0] - logits[0].max())
