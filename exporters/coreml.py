@@ -232,8 +232,8 @@ def _quiet():
 
 
 def classifier_labels(labels: Sequence[str]) -> List[str]:
-    """Labels made unique for the classifier's probability dictionary: ImageNet has two "crane" and two
-    "maillot" classes, which would collapse into one key; later duplicates get their index appended."""
+    """Labels made unique for the classifier's probability dictionary (a user's labels file may repeat a
+    name, which would collapse two classes into one key); later duplicates get their index appended."""
     seen, out = set(), []
     for i, lab in enumerate(labels):
         name = str(lab)

@@ -118,6 +118,10 @@ def test_metadata_in_model_fields(tmp_path):
     assert "0.0039215686" in pre["inside_model"]  # the 1/255 Core ML applies before the in-model normalisation
 
 
+def test_classifier_labels_unique():
+    assert ce.classifier_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+
+
 def test_ios_target_rules():
     assert ce.resolve_ios("fp16", None) == 16 and ce.resolve_ios("int8", None) == 17
     assert ce.resolve_ios("int8-weights", 18) == 18

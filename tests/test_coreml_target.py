@@ -58,7 +58,7 @@ def test_export_fp16_bundle_on_linux(tmp_path):
     from exporters.coreml import classifier_labels
 
     labels = classifier_labels((res.path / "labels.txt").read_text().splitlines())
-    assert len(set(labels)) == len(labels) == 1000 and "crane (517)" in labels
+    assert len(set(labels)) == len(labels) == 1000
     out = CoreMLProgram(res.path / "model.mlpackage").run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
     assert out["classLabel"] == labels[int(logits[0].argmax())]
     e = np.exp(logits[0] - logits[0].max())
