@@ -164,14 +164,14 @@ def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], 
     "symmetric" (coremltools' own default, zero points 0/128). Measured here in PyTorch simulation on
     held-out sample photos: pretrained EfficientNet-Lite0 top-1 agreement 81% affine vs 67% symmetric;
     random-init MobileNetV3-Large SQNR 12.0 vs 9.0 dB. Most of Lite0's loss is its per-channel INT8
-    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules`` paths) left in float: the hook
-    for a sensitivity fallback. Returns (finalized module, info dict).
+    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules``
+    paths) left in float: the hook for a sensitivity fallback. Returns (finalized module, info dict).
     """
     if scheme not in W8A8_SCHEMES:
         raise ExportError(f"unknown W8A8 scheme {scheme!r}", hint=f"use one of {', '.join(W8A8_SCHEMES)}")
     import torch
 
-    ct = import_coremltools()
+    import_coremltools()
     from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
                                                          ModuleLinearQuantizerConfig)
 
@@ -414,8 +414,9 @@ def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precis
         recipe.update(qinfo, compute="float16 between quantize/dequantize pairs",
                       note="W8A8: weights and activations 8-bit (Core ML quantize/dequantize, iOS17+)")
     elif precision == "int8-weights":
-        recipe.update(method="coremltools.optimize.coreml.linear_quantize_weights", weights="int8 symmetric, "
-                      "per output channel", activations="float16 (not quantized)",
+        recipe.update(method="coremltools.optimize.coreml linear_quantize_weights pass", weights="int8 symmetric, "
+                      "per output channel; tensors under 2048 elements (e.g. depthwise kernels) stay float16",
+                      activations="float16 (not quantized)",
                       note="weight-only 8-bit: smaller file, float16 compute; not W8A8 (that is --precision int8)")
     elif precision == "fp16":
         recipe.update(method="coremltools compute_precision=FLOAT16", io_types="float32 inputs/outputs (explicit)")
