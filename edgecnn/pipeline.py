@@ -69,8 +69,8 @@ class ExportResult:
                 lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
         elif lat and lat.get("not_measured"):
             lines.append(f"  latency  {lat['not_measured']}")
-        if p and lat and lat.get("runtime", {}).get("runtime"):
-            lines.append(f"  runtime  parity measured with {lat['runtime']['runtime']}")
+        if p and p.get("runtime"):
+            lines.append(f"  runtime  parity measured with {p['runtime']}")
         if m.get("pending"):
             lines.append(f"  pending  {m['pending']}")
         return "\n".join(lines)
@@ -143,7 +143,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
                                           min_agreement=options.int8_min_agreement)
-                    manifest["parity"] = parity.to_dict()
+                    manifest["parity"] = {**parity.to_dict(), "runtime": runner.describe().get("runtime")}
                     if not parity.passed:
                         status = "failed"
                     elif options.latency and getattr(runner, "latency_reason", None):

@@ -37,6 +37,7 @@ def test_export_fp16_bundle_on_linux(tmp_path):
     assert any(k.startswith("model.mlpackage/") for k in files) and any(k.startswith("model_tensor.mlpackage/") for k in files)
     assert any(k.endswith("weights/weight.bin") for k in files)
     assert m["parity"]["passed"] and m["parity"]["min_cosine"] >= 0.999
+    assert m["parity"]["runtime"] == "coreml-reference-executor"
     assert m["latency"]["not_measured"].startswith("not measured (needs Apple hardware)")
     assert m["latency"]["runtime"]["runtime"] == "coreml-reference-executor"
     assert "batch1" not in m["latency"]
