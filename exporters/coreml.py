@@ -258,11 +258,13 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
 
     ct = import_coremltools()
     target = {16: ct.target.iOS16, 17: ct.target.iOS17, 18: ct.target.iOS18}[ios]
-    compute = ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16
-    if variant == "image" and precision != "fp32":
-        # keep the in-model normalisation in FP32 (FP16 there loses input precision near the mean, where
-        # (x/255 - mean) cancels); FP16 from the first layer on, as in the tensor variant
-        compute = ct.transform.FP16ComputePrecision(op_selector=_not_preprocessing(IMAGE_INPUT))
+    compute = ct.precision.FLOAT32
+    if precision != "fp32":
+        # FP16 everywhere except (a) the image variant's in-model normalisation (FP16 there loses input
+        # precision near the mean, where x/255 - mean cancels) and (b) the op that produces the logits
+        # (FP16 storage of logits ~10 has a step of 0.008, enough to flip near-tie top-1 on its own)
+        compute = ct.transform.FP16ComputePrecision(op_selector=_fp16_selector(
+            IMAGE_INPUT if variant == "image" else None))
     shape = spec.batch_shape(1)
     classifier = None
     if variant == "image":
@@ -296,17 +298,26 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
 _PREPROCESS_OPS = ("mul", "sub", "add", "real_div")
 
 
-def _not_preprocessing(input_name: str):
-    """FP16 op selector: False for the elementwise chain that starts at the image input (scale, -mean, /std)."""
+def _fp16_selector(image_input: Optional[str]):
+    """FP16 op selector (True = FP16): False for the elementwise chain that starts at the image input
+    (scale, -mean, /std), for the op producing the logits (a program output) and for the softmax on them."""
     def from_input(var, depth: int = 0) -> bool:
         op = var.op
         if op is None:
-            return var.name == input_name
+            return image_input is not None and var.name == image_input
         if depth > 4 or op.op_type not in _PREPROCESS_OPS or "x" not in op.inputs:
             return False
         return from_input(op.inputs["x"], depth + 1)
 
-    return lambda op: not (op.op_type in _PREPROCESS_OPS and "x" in op.inputs and from_input(op.inputs["x"]))
+    def select(op) -> bool:
+        if op.op_type in _PREPROCESS_OPS and "x" in op.inputs and from_input(op.inputs["x"]):
+            return False
+        if op.op_type in ("linear", "matmul", "add", "reshape", "softmax", "squeeze") and op.outputs and any(
+                out in op.enclosing_block.outputs or out.name in (LOGITS, PROBS) for out in op.outputs):
+            return False
+        return True
+
+    return select
 
 
 def _weight_quant_pass():
