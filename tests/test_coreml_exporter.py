@@ -198,11 +198,9 @@ def test_zoo_arch_fp16(arch, tmp_path):
 @pytest.mark.parametrize("arch", FOCUS)
 def test_focus_net_converts_and_holds_gate(arch, precision, tmp_path):
     results, _ = _check(arch, precision, tmp_path, int8_vs_simulation=True)
-    for variant, (info, parity, _) in results.items():
+    for variant, (info, parity, _) in results.items():  # gates applied in _check; FP32 restated for clarity
         if precision == "fp32":
             assert parity.max_rel_error <= 1e-4, (variant, parity.to_dict())
-        if precision == "fp16":
-            assert parity.min_cosine >= 0.999, (variant, parity.to_dict())
 
 
 @pytest.mark.slow
