@@ -76,6 +76,8 @@ def _add_export(sub) -> None:
                    help="INT8 activation range estimation (default minmax; ranges are cached per model + calibration set)")
     p.add_argument("--no-int8-fallback", action="store_true",
                    help="INT8: skip the per-layer sensitivity analysis and float fallback")
+    p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
+                   help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
     p.add_argument("--lock-timeout", type=_seconds, default=600.0, help="seconds to wait for another export of the same bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -90,7 +92,8 @@ def _cmd_export(args) -> int:
     options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
                             latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
-                            extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback})
+                            extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback,
+                                   **({"ios": args.ios} if args.ios is not None else {})})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet)
@@ -111,7 +114,11 @@ def _cmd_validate(args) -> int:
             p = result["parity"]
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
                   f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
-        if "latency" in result:
+        if "latency" in result and "not_measured" in result["latency"]:
+            print(f"  latency  {result['latency']['not_measured']}")
+        if "runtime" in result:
+            print(f"  runtime  {result['runtime'].get('runtime')}")
+        if "latency" in result and "batch1" in result["latency"]:
             b1 = result["latency"]["batch1"]
             print(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
         if "reason" in result:

@@ -79,6 +79,10 @@ class ExportResult:
                          f"{lat['runtime'].get('threads', '?')} thread(s))")
             if lat.get("speedup_vs_fp32"):
                 lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
+        elif lat and lat.get("not_measured"):
+            lines.append(f"  latency  {lat['not_measured']}")
+        if p and p.get("runtime"):
+            lines.append(f"  runtime  parity measured with {p['runtime']}")
         for check in m.get("local_checks", []):  # checks run here for a bundle validated elsewhere
             lines.append(f"  check    {check['name']}: {'PASS' if check['passed'] else 'FAIL'} | {check['detail']}")
         if m.get("pending") and not (lat and "batch1" in lat):
@@ -155,9 +159,12 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
                                           min_agreement=options.int8_min_agreement,
                                           noise_floor=lambda idx: fp32_noise_floor(model, eval_inputs, reference, idx))
-                    manifest["parity"] = parity.to_dict()
+                    manifest["parity"] = {**parity.to_dict(), "runtime": runner.describe().get("runtime")}
                     if not parity.passed:
                         status = "failed"
+                    elif options.latency and getattr(runner, "latency_reason", None):
+                        # e.g. the Core ML reference executor on Linux: its speed says nothing of an iPhone
+                        manifest["latency"] = {"not_measured": runner.latency_reason, "runtime": runner.describe()}
                     elif options.latency:
                         say("measuring latency")
                         manifest["latency"] = measure_latency(runner, entry.spec.shape, seed=options.seed)

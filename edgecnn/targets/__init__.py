@@ -6,12 +6,13 @@ from typing import Dict
 
 from ..errors import UsageError
 from .base import BuildContext, BuildOutput, ExportOptions, Target
+from .coreml import CoreMLTarget
 from .onnx import OnnxTarget
 from .trt import TrtTarget
 
 TARGET_NAMES = ("onnx", "trt", "coreml")  # the names the CLI and Makefile accept
 _ALIASES = {"tensorrt": "trt", "coremltools": "coreml", "mlpackage": "coreml", "ort": "onnx", "onnxruntime": "onnx"}
-_TARGETS: Dict[str, Target] = {"onnx": OnnxTarget(), "trt": TrtTarget()}
+_TARGETS: Dict[str, Target] = {"onnx": OnnxTarget(), "trt": TrtTarget(), "coreml": CoreMLTarget()}
 
 
 def register(target: Target) -> None:

@@ -32,6 +32,8 @@ def validate_bundle(root: str | Path, *, threads: int = 1, latency: bool = True,
                           noise_floor=(manifest.get("parity") or {}).get("fp32_noise_floor"))
     result = {"status": "validated" if parity.passed else "failed", "parity": parity.to_dict(),
               "runtime": runner.describe()}
-    if latency and parity.passed:
+    if latency and parity.passed and getattr(runner, "latency_reason", None):
+        result["latency"] = {"not_measured": runner.latency_reason}
+    elif latency and parity.passed:
         result["latency"] = measure_latency(runner, spec.shape)
     return result
