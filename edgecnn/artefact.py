@@ -134,7 +134,8 @@ def _schema_problems(manifest: dict) -> list:
         elif rel.startswith("/") or ".." in rel.split("/"):
             problems.append(f"files[{rel!r}] points outside the bundle")
     model = manifest.get("model_file")
-    if model is not None and model not in files:
+    # model_file is a file (model.onnx) or a folder of hashed files (a Core ML model.mlpackage)
+    if model is not None and model not in files and not any(rel.startswith(f"{model}/") for rel in files):
         problems.append(f"model_file {model!r} is not among the hashed files")
     return problems
 
