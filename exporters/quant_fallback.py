@@ -53,10 +53,6 @@ class Agreement:
     def to_dict(self) -> dict:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
-    @property
-    def flips(self) -> int:
-        return int(round((1.0 - self.top1_agreement) * self.samples))
-
     def meets(self, min_agreement: float, min_cosine: float, min_sqnr_db: float = -999.0) -> bool:
         return bool(self.top1_agreement >= min_agreement and self.cosine >= min_cosine and self.sqnr_db >= min_sqnr_db)
 
