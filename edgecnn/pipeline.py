@@ -58,10 +58,13 @@ class ExportResult:
         fb = (m.get("recipe") or {}).get("fallback")
         if fb:
             before, after = fb["agreement_before"], fb["agreement_after"]
-            lines.append(f"  int8     {m['recipe'].get('recipe')} recipe, {m['recipe'].get('calibration_method')} ranges, "
+            kernels = m["recipe"].get("kernels")   # onnxruntime's fused-kernel count (the trt recipe has none here)
+            ops = (f"{kernels['fused']} fused INT8 kernels, {kernels['float']} float ops" if kernels else
+                   f"{m['recipe'].get('quantized_layers', '?')} INT8 Conv/Gemm")
+            ranges = m["recipe"].get("calibration_method") or m["recipe"].get("range_method")
+            lines.append(f"  int8     {m['recipe'].get('recipe')} recipe, {ranges} ranges, "
                          f"{len(fb['layers_float'])} layer(s) float; probe agreement {before['top1_agreement']:.1%} -> "
-                         f"{after['top1_agreement']:.1%}; {m['recipe']['kernels']['fused']} fused INT8 kernels, "
-                         f"{m['recipe']['kernels']['float']} float ops")
+                         f"{after['top1_agreement']:.1%}; {ops}")
         w = m.get("weights", {})
         lines.append(f"  weights  {w.get('source')}" + ("" if w.get("pretrained") else "  (RANDOM INIT: accuracy not meaningful)"))
         p = m.get("parity")

@@ -109,6 +109,7 @@ def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, ca
                           hint="use --onnx-exporter torchscript (it honours opset 17)")
     recipe: dict = {"precision": precision}
     extra: dict = {}
+    ranges = None
     if precision == "fp16":
         say("writing model.fp16.onnx (typed FP16, for TensorRT >= 11 strongly typed builds)")
         onnx_exporter.convert_fp16(out / MODEL_FP32, out / MODEL_FP16)
@@ -137,7 +138,8 @@ def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, ca
     files.append(copy_device_tool(out))
     model_files = [f for f in files if f.endswith(".onnx")]
     extra["build_recipe"] = build_recipes(precision, files, spec)
-    return {"files": files, "model_files": model_files, "export": info.to_dict(), "recipe": recipe, "tensorrt": extra}
+    return {"files": files, "model_files": model_files, "export": info.to_dict(), "recipe": recipe, "tensorrt": extra,
+            "ranges": ranges if precision == "int8" else None}   # for the INT8 fallback's re-quantizations
 
 
 def check_qdq(path: str | os.PathLike) -> qdq_check.QdqReport:

@@ -73,7 +73,7 @@ def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, tmp_path):
     target = plain.before.sqnr_db + 0.5   # a bar the defaults miss: forces the sensitivity search
     res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "b.onnx"), ranges, probe,
                                   candidates=cands, base_exclude=base, min_agreement=0.0, min_sqnr_db=target,
-                                  max_float_fraction=1.0)
+                                  max_float_fraction=1.0, agreement_phase=False)
     assert len(res.sensitivity) == len([c for c in cands if c not in base])
     assert res.sensitivity[0]["sqnr_db"] >= res.sensitivity[-1]["sqnr_db"]
     assert res.steps, "the loop tried fallback counts"
@@ -98,8 +98,10 @@ def test_fallback_gives_up_at_the_budget(prepared, tmp_path):
                                   candidates=quant_ort.quantizable_nodes(prep), min_agreement=0.0,
                                   min_sqnr_db=500.0, max_float_fraction=0.5)
     assert not res.passed
-    assert sum(s["kept"] for s in res.steps) <= max(1, int(res.candidates * 0.5))
-    assert len(res.excluded) == sum(s["kept"] for s in res.steps)
+    kept = [n for s in res.steps if s["kept"] for n in ([s["layer"]] if s["phase"] == "sqnr" else s["layers"])]
+    assert len(kept) <= max(1, int(res.candidates * 0.5)) == res.budget_layers
+    assert sorted(res.excluded) == sorted(kept)
+    assert res.stopped in ("layer budget", "ranked layers exhausted")
 
 
 def _outlier_depthwise_net():

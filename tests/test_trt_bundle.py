@@ -74,6 +74,11 @@ def test_int8_bundle_qdq_model_and_cache(bundles):
     ort_check = checks["onnxruntime check of model.int8.qdq.onnx (the Q/DQ model)"]
     assert ort_check["passed"] and ort_check["parity"]["gate"].startswith("SQNR")   # random init: SQNR gate
     assert m["recipe"]["recipe"] == "trt" and m["recipe"]["opset"] == 17 and m["recipe"]["float_layers"]
+    # the INT8 fallback ran on the trt recipe: what it keeps float is what the Q/DQ model keeps float
+    fb = m["recipe"]["fallback"]
+    assert fb["enabled"] and fb["probe"].startswith("96 images of the calibration split")
+    assert set(fb["layers_float"]) == set(m["recipe"]["float_layers"])
+    assert set(fb["layers_float"]) <= set(checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["report"]["stats"]["float_layers"])
     # the cache: TensorRT header for the default target, one entry per float tensor of model.onnx
     cache = trt_cache.read_cache(res.path / "calibration.cache")
     assert cache.header == "TRT-8502-EntropyCalibration2" == m["tensorrt"]["calibration_cache"]["header"]

@@ -22,7 +22,8 @@ from ..errors import UsageError
 from ..validate.metrics import INT8_RANDOM_MIN_SQNR_DB
 from .base import BuildContext
 
-PROBE_IMAGES = 48
+PROBE_IMAGES = 128   # agreement on the probe: 1 flip = 0.8 %, fine enough to aim at a 99 % bar
+RANK_IMAGES = 48     # the per-layer sensitivity ranking (one quantize + run per layer) uses the first 48
 RANDOM_SQNR_MARGIN_DB = 2.0   # probe images are not the held-out ones: aim a little above the gate
 
 
@@ -33,10 +34,75 @@ def calib_method(ctx: BuildContext) -> str:
     return method
 
 
+def fallback_bar(ctx: BuildContext) -> tuple:
+    """(enabled, min_agreement, min_sqnr_db): trained weights aim at the agreement gate; random init, whose
+    agreement means nothing, at the SQNR gate plus a margin."""
+    min_agreement = ctx.options.int8_min_agreement if ctx.trained else 0.0
+    min_sqnr = -999.0 if ctx.trained else INT8_RANDOM_MIN_SQNR_DB + RANDOM_SQNR_MARGIN_DB
+    return bool(ctx.options.extra.get("int8_fallback", True)), min_agreement, min_sqnr
+
+
+def fallback_options(ctx: BuildContext) -> dict:
+    """Keyword arguments of ``quant_fallback.fallback`` from the gate and ``ExportOptions.extra``
+    (int8_fallback, int8_max_float_fraction, int8_sensitivity_seconds, int8_agreement_phase, int8_fallback_batch)."""
+    on, min_agreement, min_sqnr = fallback_bar(ctx)
+    x = ctx.options.extra
+    return dict(min_agreement=min_agreement, min_sqnr_db=min_sqnr,
+                max_float_fraction=float(x.get("int8_max_float_fraction", 0.34)), run_sensitivity=on,
+                max_seconds=float(x.get("int8_sensitivity_seconds", 240.0)), rank_images=RANK_IMAGES,
+                agreement_phase=bool(x.get("int8_agreement_phase", True)), batch=int(x.get("int8_fallback_batch", 4)),
+                say=ctx.say)
+
+
+def probe_images(ctx: BuildContext) -> np.ndarray:
+    """The fallback's probe: the first images of the calibration split (never the held-out split)."""
+    return ctx.calib.array("calib", limit=int(ctx.options.extra.get("int8_probe_images", PROBE_IMAGES)))
+
+
+def fallback_block(ctx: BuildContext, result, probe: np.ndarray) -> dict:
+    """The manifest's ``recipe.fallback``: what stayed float and why, probe agreement before/after."""
+    on, min_agreement, min_sqnr = fallback_bar(ctx)
+    return {**result.to_dict(), "enabled": on, "min_agreement": min_agreement,
+            "probe": f"{len(probe)} images of the calibration split (the held-out split stays unseen); "
+                     f"sensitivity ranked on the first {min(len(probe), RANK_IMAGES)}",
+            "max_float_fraction": float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
+            "min_sqnr_db": None if ctx.trained else min_sqnr,
+            "note": None if ctx.trained else "random-init weights: agreement is not meaningful; the fallback "
+                                             "aims at the SQNR gate instead"}
+
+
+def trt_fallback(ctx: BuildContext, fp32_path: Path, int8_path: Path, ranges, *, nodes_to_exclude=(),
+                 metadata: Optional[dict] = None, max_opset: int = 17) -> tuple:
+    """The same fallback for the ``trt`` recipe: re-quantize ``fp32_path`` into ``int8_path`` with the ranges
+    the bundle was calibrated with, keeping layers float (Conv/Gemm: ``quant_trt`` leaves their inputs
+    unquantized, so the Q/DQ rules still hold; ``quantize_trt`` proves that on every try). Returns
+    (recipe info of the final model, manifest fallback block)."""
+    import onnx
+
+    from exporters import quant_trt
+
+    model = onnx.load(os.fspath(fp32_path))
+    base = quant_trt.default_float_layers(model)
+    base.update({n: "excluded by the caller (ExportOptions.extra nodes_to_exclude)" for n in nodes_to_exclude})
+    candidates = [n.name for n in model.graph.node if n.op_type in quant_trt.QUANTIZED_OPS and n.name not in base]
+    del model
+
+    def run_recipe(fp32, out, ranges_, exclude):
+        return quant_trt.quantize_trt(fp32, out, ranges_, list(exclude), max_opset=max_opset, metadata=metadata)
+
+    probe = probe_images(ctx)
+    result = quant_fallback.fallback(run_recipe, os.fspath(fp32_path), os.fspath(int8_path), ranges, probe,
+                                     candidates=candidates, base_exclude=base, **fallback_options(ctx))
+    info = dict(result.info)
+    info.pop("ranges", None)
+    return info, fallback_block(ctx, result, probe)
+
+
 def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, recipe_module,
-                        work: Path) -> dict:
+                        work: Path, defaults_out: Optional[Path] = None) -> dict:
     """Quantize ``fp32_path`` into ``out_path`` with ``recipe_module`` (prepare/quantize/default_exclusions/
-    quantizable_nodes/op_report); returns the manifest's ``recipe`` block."""
+    quantizable_nodes/op_report); returns the manifest's ``recipe`` block. When the fallback keeps layers
+    float and ``defaults_out`` is given, the recipe-defaults model (no fallback) is written there too."""
     from calibration import CalibrationError
 
     method = calib_method(ctx)
@@ -57,17 +123,14 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     try:
         ranges = compute_ranges(prepared, lambda: ctx.calib.iter_batches("calib", batch_size=16), method,
                                 fingerprint=ctx.calib.fingerprint())
-        probe = ctx.calib.array("calib", limit=PROBE_IMAGES)
+        probe = probe_images(ctx)
     except CalibrationError as exc:
         from ..errors import InputError
 
         raise InputError(str(exc), hint=exc.hint) from None
     if ranges.cache_hit:
         ctx.say(f"ranges read from the cache ({ranges.key[:12]})")
-    fallback_on = bool(ctx.options.extra.get("int8_fallback", True))
-    # trained weights: the agreement gate; random init: agreement means nothing, aim at the SQNR gate + margin
-    min_agreement = ctx.options.int8_min_agreement if ctx.trained else 0.0
-    min_sqnr = -999.0 if ctx.trained else INT8_RANDOM_MIN_SQNR_DB + RANDOM_SQNR_MARGIN_DB
+    fallback_on, min_agreement, min_sqnr = fallback_bar(ctx)
 
     def run_recipe(fp32, out, ranges_, exclude):
         """The recipe, with bias correction undone for the layers the fallback keeps float."""
@@ -84,10 +147,10 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     result = quant_fallback.fallback(
         run_recipe, os.fspath(prepared), os.fspath(out_path), ranges, probe,
         reference=quant_fallback.run_onnx(os.fspath(fp32_path), probe),  # the FP32 model, not the corrected one
-        candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, min_agreement=min_agreement, min_sqnr_db=min_sqnr,
-        max_float_fraction=float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
-        run_sensitivity=fallback_on, max_seconds=float(ctx.options.extra.get("int8_sensitivity_seconds", 240.0)),
-        say=ctx.say)
+        candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, **fallback_options(ctx))
+    if defaults_out is not None and len(result.excluded) > len(base):
+        # the recipe-defaults model, so the target can time what the layers kept float cost in speed
+        run_recipe(os.fspath(prepared), os.fspath(defaults_out), ranges, list(base))
     report = recipe_module.op_report(out_path)
     recipe = {
         "precision": "int8", **result.info,
@@ -96,11 +159,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
                                                           "calibration split; undone for layers kept float"}
         if corrected else None,
         "kernels": report,
-        "fallback": {**result.to_dict(), "enabled": fallback_on, "min_agreement": min_agreement,
-                     "probe": f"{len(probe)} images of the calibration split (the held-out split stays unseen)",
-                     "min_sqnr_db": None if ctx.trained else min_sqnr,
-                     "note": None if ctx.trained else "random-init weights: agreement is not meaningful; the fallback "
-                                                      "aims at the SQNR gate instead"},
+        "fallback": fallback_block(ctx, result, probe),
     }
     for leftover in (prepared, uncorrected):
         try:
@@ -111,21 +170,29 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
 
 
 def side_by_side_latency(fp32_path: Path, int8_path: Path, shape, *, threads: int = 1, rounds: int = 3,
-                         seconds: float = 1.0, seed: int = 0) -> dict:
+                         seconds: float = 1.0, seed: int = 0, defaults_path: Optional[Path] = None) -> dict:
     """Batch-1 latency of FP32 and INT8 measured alternately in one run (a busy machine slows both alike);
-    the speed-up is the ratio of the medians of the per-round p50s."""
+    the speed-up is the ratio of the medians of the per-round p50s. ``defaults_path``: the INT8 model
+    without the fallback's float layers, timed in the same rounds, so their speed cost is a measured ratio."""
     from ..runtimes.onnxruntime import OnnxRuntimeRunner
     from ..validate.latency import machine_description, time_runs
 
     x = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
     runners = {"fp32": OnnxRuntimeRunner(fp32_path, threads=threads), "int8": OnnxRuntimeRunner(int8_path, threads=threads)}
+    if defaults_path is not None:
+        runners["int8_defaults"] = OnnxRuntimeRunner(defaults_path, threads=threads)
     p50 = {k: [] for k in runners}
     for _ in range(rounds):
         for k, r in runners.items():
             p50[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=10, min_seconds=seconds,
                                     max_seconds=4 * seconds).p50_ms)
     fp32, int8 = float(np.median(p50["fp32"])), float(np.median(p50["int8"]))
-    return {"fp32_p50_ms": round(fp32, 3), "int8_p50_ms": round(int8, 3), "speedup_vs_fp32": round(fp32 / int8, 3),
+    fallback_cost = {}
+    if defaults_path is not None:
+        d = float(np.median(p50["int8_defaults"]))
+        fallback_cost = {"int8_without_fallback_p50_ms": round(d, 3), "speedup_without_fallback": round(fp32 / d, 3),
+                         "fallback_slowdown": round(int8 / d, 3)}
+    return {**fallback_cost,"fp32_p50_ms": round(fp32, 3), "int8_p50_ms": round(int8, 3), "speedup_vs_fp32": round(fp32 / int8, 3),
             "threads": threads, "rounds": rounds, "batch": 1,
             "fp32_bytes": os.path.getsize(fp32_path), "int8_bytes": os.path.getsize(int8_path),
             "size_ratio": round(os.path.getsize(int8_path) / os.path.getsize(fp32_path), 3),

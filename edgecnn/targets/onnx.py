@@ -38,15 +38,20 @@ class OnnxTarget(Target):
 
             from .int8 import quantize_for_target, side_by_side_latency
 
-            recipe = quantize_for_target(ctx, fp32_path, out, recipe_module=quant_ort, work=staging)
+            defaults = staging / ".int8-defaults.onnx"
+            recipe = quantize_for_target(ctx, fp32_path, out, recipe_module=quant_ort, work=staging,
+                                         defaults_out=defaults if ctx.options.latency else None)
             onnx_exporter.set_metadata_file(out, {**ctx.metadata, "edgecnn.int8_recipe": quant_ort.NAME})
             if ctx.options.latency:
                 ctx.say("timing FP32 and INT8 side by side (batch 1)")
                 extra["int8"] = side_by_side_latency(fp32_path, out, ctx.spec.shape, threads=ctx.options.threads,
-                                                     seed=ctx.options.seed)
+                                                     seed=ctx.options.seed,
+                                                     defaults_path=defaults if defaults.exists() else None)
             else:
                 extra["int8"] = {"fp32_bytes": os.path.getsize(fp32_path), "int8_bytes": os.path.getsize(out)}
             os.remove(fp32_path)
+            if defaults.exists():
+                os.remove(defaults)
         return BuildOutput(model_file=MODEL_FILE, files=[MODEL_FILE], export=info.to_dict(), recipe=recipe, extra=extra)
 
     def open_runner(self, bundle: Path, manifest: dict, threads: int = 1):

@@ -58,6 +58,8 @@ class TrtTarget(Target):
             trt_version=str(extra_opts.get("trt_version", trt_exporter.DEFAULT_TRT_VERSION)),
             range_method=extra_opts.get("range_method", "minmax"),
             nodes_to_exclude=tuple(extra_opts.get("nodes_to_exclude", ())), say=ctx.say)
+        if ctx.precision == "int8":
+            self._fallback(ctx, staging, written)
         checks, failures = self._check_here(ctx, staging)
         model_file = trt_exporter.MODEL_INT8 if ctx.precision == "int8" else trt_exporter.MODEL_FP32
         tensorrt = {"engine": "pending", "intended": trt_exporter.INTENDED, **written["tensorrt"],
@@ -85,6 +87,24 @@ class TrtTarget(Target):
             files += [meta["engine"], meta["engine"] + ".json", meta["build_log"]]
         return BuildOutput(model_file=model_file, files=files, export=written["export"], recipe=written["recipe"],
                            pending=pending, extra=extra, failed="; ".join(failures) or None)
+
+    def _fallback(self, ctx: BuildContext, staging: Path, written: dict) -> None:
+        """The INT8 sensitivity fallback on the trt recipe (``edgecnn.targets.int8.trt_fallback``): rewrites
+        model.int8.qdq.onnx with the layers it keeps float and records them in the recipe. The calibration
+        cache (implicit-INT8 / DLA builds) carries no per-layer precision and is left as written."""
+        import onnx
+
+        from .int8 import trt_fallback
+
+        int8 = staging / trt_exporter.MODEL_INT8
+        meta = {p.key: p.value for p in onnx.load(str(int8), load_external_data=False).metadata_props}
+        info, block = trt_fallback(ctx, staging / trt_exporter.MODEL_FP32, int8, written["ranges"],
+                                   nodes_to_exclude=tuple(ctx.options.extra.get("nodes_to_exclude", ())),
+                                   metadata=meta, max_opset=trt_exporter.OPSET)
+        for key in ("quantized_layers", "float_layers", "residual_adds_skip_quantized", "qdq_pairs", "fixes", "checker"):
+            written["recipe"][key] = info[key]
+        written["recipe"]["fallback"] = {**block, "calibration_cache": "unchanged: implicit-INT8/DLA builds do not "
+                                                                       "honour per-layer float"}
 
     # -------------------------------------------------------------------------------------------------
     def _check_here(self, ctx: BuildContext, staging: Path) -> tuple:
