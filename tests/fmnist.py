@@ -81,7 +81,7 @@ class Recipe:
 # Steps sized so the five default nets train in a few minutes on 2 cores; each reaches >= 85% (see README).
 RECIPES = {
     "lenet5": Recipe(steps=400, lr=3e-3),
-    "squeezenet1_1": Recipe(steps=300, lr=2e-3),
+    "squeezenet1_1": Recipe(steps=600, lr=1.5e-3),
     "mobilenet_v2": Recipe(steps=250, lr=3e-3),
     "mobilenet_v3_small": Recipe(steps=250, lr=3e-3),
     "resnet18": Recipe(steps=200, lr=2e-3),
@@ -271,7 +271,7 @@ def evaluate(model, spec: InputSpec, n: int = EVAL_IMAGES, batch: int = 250) -> 
     px = pixels(images, spec)
     correct = 0
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _threads(THREADS):
         for i in range(0, len(px), batch):
             logits = model(torch.from_numpy(normalize(px[i:i + batch], spec)))
             correct += int((logits.argmax(1).numpy() == labels[i:i + batch]).sum())

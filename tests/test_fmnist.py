@@ -178,6 +178,16 @@ def test_trained_lenet5_reaches_80_percent():
     assert fmnist.trained_checkpoint("lenet5") == ckpt and time.perf_counter() - t < 1.0  # cached: no training
 
 
+@pytest.mark.parametrize("arch", [*fmnist.DEFAULT_ARCHS[1:], *(pytest.param(a, marks=pytest.mark.slow)
+                                                               for a in fmnist.SLOW_ARCHS)])
+def test_trained_nets_reach_80_percent(arch):
+    """Every net the suite trains (the INT8 tests judge these): trained once per machine, >= 80% on test images."""
+    fmnist.require_data()
+    info = fmnist.checkpoint_info(arch)  # train() itself raises TrainingFailed below 80%
+    assert info["test_accuracy"] >= fmnist.MIN_ACCURACY and info["eval_images"] == fmnist.EVAL_IMAGES
+    assert fmnist.trained_model(arch)(__import__("torch").zeros(2, *fmnist.fmnist_spec(arch).shape)).shape == (2, 10)
+
+
 # ------------------------------------------------------------------------------------------ through the pipeline
 def _accuracy_on_eval_split(arch, kw, eval_size):
     """Torch accuracy computed here, independently of the pipeline, on the pipeline's own held-out split."""
