@@ -76,6 +76,7 @@ class Recipe:
     batch: int = 128
     weight_decay: float = 1e-4
     pct_start: float = 0.25
+    dropout: bool = True      # False: Dropout and stochastic depth off while training (they slow a short run)
 
 
 # Steps sized so the five default nets train in a few minutes on 2 cores; each reaches >= 85% (see README).
@@ -299,6 +300,8 @@ def train(arch: str, size: Optional[int] = None, *, seed: int = SEED, recipe: Op
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1  # torchvision's 0.01 (MobileNetV3, EfficientNet) lags a short run badly
+            elif not recipe.dropout and (isinstance(m, nn.Dropout) or type(m).__name__ == "StochasticDepth"):
+                m.p = 0.0  # inactive in eval anyway: the exported graph is the same
         opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps,
                                                     pct_start=recipe.pct_start)
