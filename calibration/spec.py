@@ -74,9 +74,9 @@ class InputSpec:
         d.pop("color")
         d["steps"] = [
             f"decode, convert to {'RGB' if self.color == 'RGB' else 'single-channel grey (PIL L)'}",
-            *([f"replicate the grey channel to {self.channels} channels"] if self.grey_replicated else []),
             f"resize shorter side to {self.resize} px ({self.interpolation})",
             f"centre-crop {self.height}x{self.width}",
+            *([f"replicate the grey channel to {self.channels} channels"] if self.grey_replicated else []),
             "scale pixel values to [0, 1] (x / 255)",
             "subtract mean and divide by std per channel",
             f"layout {self.layout}, dtype {self.dtype}",

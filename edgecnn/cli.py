@@ -111,6 +111,9 @@ def _cmd_validate(args) -> int:
             p = result["parity"]
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
                   f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
+            if p.get("ref_accuracy") is not None:
+                print(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
+                      f"(labelled reference images)")
         if "latency" in result:
             b1 = result["latency"]["batch1"]
             print(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")

@@ -252,6 +252,8 @@ def test_cli_export_grey_32px_checkpoint(tmp_path, capsys):
     assert json.loads(meta["edgecnn.input"])["color_order"] == "grey"
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
     assert dims == [3, 32, 32]
+    assert main(["validate", str(tmp_path / "out" / arch / "onnx-fp32"), "--no-latency"]) == 0
+    assert "accuracy torch FP32" in capsys.readouterr().out  # labels travel in reference.npz
 
 
 def test_cli_input_override_errors(tmp_path, capsys):
