@@ -29,12 +29,12 @@ in training. Inputs go through ``calibration``'s own preprocessing (PIL resize, 
 Fashion-MNIST mean/std), bit-identical to what the pipeline feeds the model from a ``.npz`` source.
 
 Training: AdamW + OneCycle, batch 128, no augmentation, on one CPU thread (``EDGECNN_TRAIN_THREADS=2`` for
-two), seeded; BatchNorm
-momentum set to 0.1 (torchvision's MobileNetV3/EfficientNet use 0.01, too slow for a few hundred steps).
+two), seeded; BatchNorm momentum set to 0.1 (torchvision's MobileNetV3/EfficientNet use 0.01, too slow for a few hundred steps).
 After training, the FP32 accuracy on the first 2,000 test images must reach 80% or ``TrainingFailed`` is
-raised (nothing is cached then). The cache (``$EDGECNN_CACHE/fmnist`` or ``~/.cache/edgecnn/fmnist``) is
-keyed by arch, size, seed and ``HARNESS_VERSION`` (bump it when the recipe changes); a file lock makes
-concurrent pytest workers train each net once.
+raised (nothing is cached then). The cache (``$EDGECNN_CACHE/fmnist`` or ``~/.cache/edgecnn/fmnist``, read
+once when this module is imported, so a later ``monkeypatch.setenv("EDGECNN_CACHE", tmp)`` does not make
+a test retrain) is keyed by arch, size, seed and ``HARNESS_VERSION`` (bump it when the recipe changes); a
+file lock makes concurrent pytest workers train each net once.
 """
 from __future__ import annotations
 
@@ -168,10 +168,19 @@ def _inputs(px: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ cache
-def cache_dir() -> Path:
+def _default_cache_root() -> Path:
     from calibration.dataset import default_cache_dir
 
     return default_cache_dir() / "fmnist"
+
+
+# Resolved once, at import: a test that points EDGECNN_CACHE at its tmp_path (to isolate the calibration
+# cache) must still reuse the nets trained for the whole machine instead of training them again.
+CACHE_ROOT = _default_cache_root()
+
+
+def cache_dir() -> Path:
+    return CACHE_ROOT
 
 
 def _key(arch: str, size: int, seed: int) -> str:

@@ -130,7 +130,7 @@ def test_harness_lock_trains_once(tmp_path, monkeypatch):
     """Two concurrent callers (threads here; pytest-xdist workers are processes, same flock) train once."""
     import torch
 
-    monkeypatch.setenv("EDGECNN_CACHE", str(tmp_path))
+    monkeypatch.setattr(fmnist, "CACHE_ROOT", tmp_path / "fmnist")
     calls = []
 
     def slow_train(arch, size, seed):  # stands in for the minutes of real training; the lock is what is tested
