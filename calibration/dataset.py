@@ -173,6 +173,14 @@ class CalibrationSet:
             return ids, np.zeros((0, self.spec.height, self.spec.width, self.spec.channels), np.uint8)
         return ids, np.stack(out)
 
+    def labels(self, split: str = "eval", limit: Optional[int] = None) -> Optional[np.ndarray]:
+        """Class indices of the split's items, in ``iter_batches``/``array`` order; None unless every item
+        is labelled (a labelled .npz source). Bad images are skipped by ``array``, so callers check lengths."""
+        items = self._items(split)[: limit if limit is not None else None]
+        if not items or any(it.label is None for it in items):
+            return None
+        return np.asarray([it.label for it in items], dtype=np.int64)
+
     def _items(self, split: str) -> List[Item]:
         if split == "calib":
             return self.calib_items
@@ -199,6 +207,7 @@ class CalibrationSet:
             "calibration_groups": len({i.group for i in self.calib_items}),
             "evaluation_groups": len({i.group for i in self.eval_items}),
             "seed": self.seed,
+            "labelled": self.labels("eval") is not None,
             "fingerprint": self.fingerprint(),
             "skipped": list(self.skipped),
             "split": "by group (a photo and its crops, or one file): evaluation never sees a calibration image",

@@ -108,9 +108,12 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def to_pixels(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """Resized and cropped 8-bit pixels, H×W×C (C=1 for grey)."""
+    """Resized and cropped 8-bit pixels, H×W×C (C=1 for grey, or the grey channel repeated C times)."""
     arr = np.asarray(resize_crop(img, spec), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if arr.shape[2] != spec.channels:  # grey replicated to a multi-channel input (spec.grey_replicated)
+        arr = np.repeat(arr, spec.channels, axis=2)
+    return arr
 
 
 def preprocess_pil(img: Image.Image, spec: InputSpec) -> np.ndarray:

@@ -26,6 +26,7 @@ class Item:
     load: Callable[[str], Union[Image.Image, np.ndarray]]  # color -> PIL image or preprocessed CHW array
     content_key: str              # hash of the source bytes + transform, for caches and fingerprints
     preprocessed: bool = False    # True: load() returns a CHW float32 array already in model space
+    label: Optional[int] = None   # class index, when the source is labelled (an .npz with a ``labels`` array)
 
 
 def _file_sha256(path: str) -> str:
@@ -84,34 +85,58 @@ def list_file_items(list_path: Union[str, os.PathLike]) -> List[Item]:
 
 
 def array_items(array_path: Union[str, os.PathLike], spec_shape: Sequence[int]) -> List[Item]:
-    """Items from an .npy/.npz: float32 N×C×H×W already preprocessed, or uint8 N×H×W(×C) raw pixels."""
+    """Items from an .npy/.npz: float32 N×C×H×W already preprocessed, or uint8 N×H×W(×C) raw pixels.
+
+    An .npz may be *labelled*: an ``images`` array plus a ``labels`` array of N class indices (e.g.
+    ``np.savez(path, images=x, labels=y)``). Each item then carries its label, and the validator reports
+    the labelled accuracy of the reference and of the artefact. Without an ``images`` key the first
+    array (sorted by name) is used, as before.
+    """
     array_path = os.fspath(array_path)
+    labels = None
     try:
         data = np.load(array_path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            keys = sorted(data.files)
+            if not keys:
+                raise CalibrationError(f"{array_path}: the .npz holds no array", path=array_path)
+            arr = data["images"] if "images" in keys else data[keys[0]]
+            if "labels" in keys and "images" in keys:
+                labels = data["labels"]
+        else:
+            arr = data
     except (OSError, ValueError) as exc:
         raise CalibrationError(f"{array_path}: cannot read array ({exc})", path=array_path) from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        keys = sorted(data.files)
-        if not keys:
-            raise CalibrationError(f"{array_path}: the .npz holds no array", path=array_path)
-        arr = data[keys[0]]
-    else:
-        arr = data
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(arr) or not np.issubdtype(labels.dtype, np.integer) \
+                or (labels.size and labels.min() < 0):
+            raise CalibrationError(
+                f"{array_path}: 'labels' must be {len(arr)} non-negative class indices (one per image), found "
+                f"{labels.dtype} {labels.shape}", hint="np.savez(path, images=uint8 N×H×W[×C], labels=int N)",
+                path=array_path)
+        labels = [int(v) for v in labels]
     digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+
+    def label(i: int) -> Optional[int]:
+        return None if labels is None else labels[i]
+
+    def key(i: int) -> str:  # labels are part of the content: they change what the validator reports
+        return f"{digest}:{i}" if labels is None else f"{digest}:{i}:label{labels[i]}"
+
     items: List[Item] = []
     if arr.dtype == np.uint8 and arr.ndim in (3, 4):
         for i in range(arr.shape[0]):
             img = arr[i]
             items.append(Item(id=f"{array_path}[{i}]", group=f"{array_path}[{i}]",
                               load=lambda color, a=img: Image.fromarray(a).convert("RGB" if color == "RGB" else "L"),
-                              content_key=f"{digest}:{i}"))
+                              content_key=key(i), label=label(i)))
         return items
     if arr.ndim == 4 and tuple(arr.shape[1:]) == tuple(spec_shape):
         arr = arr.astype(np.float32, copy=False)
         for i in range(arr.shape[0]):
             items.append(Item(id=f"{array_path}[{i}]", group=f"{array_path}[{i}]",
                               load=lambda color, a=arr[i]: np.ascontiguousarray(a, dtype=np.float32),
-                              content_key=f"{digest}:{i}", preprocessed=True))
+                              content_key=key(i), preprocessed=True, label=label(i)))
         return items
     raise CalibrationError(
         f"{array_path}: array of shape {arr.shape} and dtype {arr.dtype} fits neither raw images "

@@ -6,8 +6,8 @@ manifests write it down for app engineers.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional, Sequence, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,6 +20,10 @@ class InputSpec:
     Steps, in order: decode -> convert to ``color`` ("RGB" or "L" for grey) -> resize so the
     shorter side is ``resize`` pixels (``interpolation``) -> centre-crop ``crop`` (``height`` x
     ``width``) -> scale to [0, 1] by ``scale`` -> subtract ``mean`` and divide by ``std`` per channel.
+
+    ``color="L"`` with ``channels=3`` means "grey, replicated to three channels": the input of a
+    3-channel net (e.g. torchvision's ResNet) trained on grey images such as Fashion-MNIST. A colour photo
+    must then be made grey first, exactly as in training, so it is a preprocessing step of its own.
     """
 
     channels: int = 3
@@ -38,13 +42,19 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.color not in ("RGB", "L"):
             raise ValueError(f"InputSpec.color must be 'RGB' or 'L', not {self.color!r}")
-        expected = 3 if self.color == "RGB" else 1
-        if self.channels != expected:
-            raise ValueError(f"InputSpec: color {self.color} needs {expected} channel(s), got {self.channels}")
+        allowed = (3,) if self.color == "RGB" else (1, 3)  # grey: one channel, or replicated to three
+        if self.channels not in allowed:
+            raise ValueError(f"InputSpec: color {self.color} needs {' or '.join(map(str, allowed))} channel(s), "
+                             f"got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError("InputSpec: mean and std need one value per channel")
         if self.interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"InputSpec: unknown interpolation {self.interpolation!r}")
+
+    @property
+    def grey_replicated(self) -> bool:
+        """Grey pixels copied into every channel of a multi-channel input."""
+        return self.color == "L" and self.channels > 1
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -66,6 +76,7 @@ class InputSpec:
             f"decode, convert to {'RGB' if self.color == 'RGB' else 'single-channel grey (PIL L)'}",
             f"resize shorter side to {self.resize} px ({self.interpolation})",
             f"centre-crop {self.height}x{self.width}",
+            *([f"replicate the grey channel to {self.channels} channels"] if self.grey_replicated else []),
             "scale pixel values to [0, 1] (x / 255)",
             "subtract mean and divide by std per channel",
             f"layout {self.layout}, dtype {self.dtype}",
@@ -81,3 +92,37 @@ class InputSpec:
             std=tuple(d["std"]), color=color, scale=float(d.get("scale", 1 / 255)),
             layout=d.get("layout", "NCHW"), dtype=d.get("dtype", "float32"), name=d.get("name", "input"),
         )
+
+
+def derive_spec(base: InputSpec, *, size: Optional[int] = None, resize: Optional[int] = None,
+                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                grey: bool = False) -> InputSpec:
+    """``base`` with the input of a custom-trained checkpoint: another square ``size`` (``resize`` defaults
+    to ``size``: the image's shorter side is scaled to the crop, as small training images are), other
+    ``mean``/``std`` (one value is repeated over the channels), or ``grey`` (convert to grey; a 3-channel
+    net gets the grey channel replicated). ValueError names what does not fit."""
+    changes: dict = {}
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"input size must be a positive number of pixels, not {size}")
+        changes.update(height=int(size), width=int(size), resize=int(resize or size))
+    elif resize is not None:
+        changes["resize"] = int(resize)
+    if changes.get("resize", base.resize) < min(changes.get("height", base.height), changes.get("width", base.width)):
+        raise ValueError(f"resize {changes.get('resize', base.resize)} is smaller than the crop "
+                         f"{changes.get('height', base.height)}x{changes.get('width', base.width)}")
+    if grey:
+        changes["color"] = "L"
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        values = tuple(float(v) for v in values)
+        if len(values) == 1:
+            values = values * base.channels
+        if len(values) != base.channels:
+            raise ValueError(f"{name} needs 1 or {base.channels} values for a {base.channels}-channel input, "
+                             f"got {len(values)}")
+        if name == "std" and any(v <= 0 for v in values):
+            raise ValueError("std values must be positive")
+        changes[name] = values
+    return replace(base, **changes)

@@ -63,6 +63,15 @@ def _add_export(sub) -> None:
                                                                       "--calib-size, instead of warning")
     p.add_argument("--num-classes", type=_count(1), default=None, help="classes of a custom checkpoint's head")
     p.add_argument("--labels", default=None, help="labels file (one per line) for a custom checkpoint")
+    g = p.add_argument_group("input of a custom-trained checkpoint (default: the zoo entry's; recorded in the manifest)")
+    g.add_argument("--input-size", type=int, default=None, metavar="PX", help="square input size the net was trained at")
+    g.add_argument("--resize", type=int, default=None, metavar="PX",
+                   help="resize the shorter side to PX before the centre crop (default: the input size)")
+    g.add_argument("--mean", type=_floats, default=None, metavar="M[,M,M]", help="per-channel mean of x/255 (one value: all)")
+    g.add_argument("--std", type=_floats, default=None, metavar="S[,S,S]", help="per-channel std of x/255 (one value: all)")
+    g.add_argument("--grey", action="store_true",
+                   help="the net was trained on grey images: convert inputs to grey (replicated to 3 channels "
+                        "for a 3-channel net)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a full-model pickle (runs code from the file: only for files you trust)")
     p.add_argument("--opset", type=_opset, default=17, help="ONNX opset (default 17: TensorRT 8.5/8.6 parse <= 17)")
@@ -83,6 +92,33 @@ def _add_export(sub) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
 
 
+def _floats(text: str) -> list:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _input_override(args):
+    """The InputSpec for --input-size/--resize/--mean/--std/--grey, or None to keep the zoo entry's."""
+    if args.input_size is None and args.resize is None and args.mean is None and args.std is None and not args.grey:
+        return None
+    from calibration import derive_spec
+
+    from . import zoo
+    from .errors import UsageError
+
+    try:
+        entry = zoo.resolve(args.arch)
+    except zoo.UnknownArchError as exc:
+        raise UsageError(str(exc), hint="`edgecnn list` shows every architecture") from None
+    try:
+        return derive_spec(entry.spec, size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
+                           grey=args.grey)
+    except ValueError as exc:
+        raise UsageError(f"input spec for {entry.name}: {exc}", hint="see `edgecnn export --help`") from None
+
+
 def _cmd_export(args) -> int:
     from .pipeline import export
     from .targets import ExportOptions
@@ -96,7 +132,8 @@ def _cmd_export(args) -> int:
                                    **({"ios": args.ios} if args.ios is not None else {})})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
-                    strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet)
+                    strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet,
+                    input_spec=_input_override(args))
     print(json.dumps(result.manifest, indent=2) if args.json else result.summary())
     return 0
 
@@ -114,6 +151,9 @@ def _cmd_validate(args) -> int:
             p = result["parity"]
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
                   f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
+            if p.get("ref_accuracy") is not None:
+                print(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
+                      f"(labelled reference images)")
         if "latency" in result and "not_measured" in result["latency"]:
             print(f"  latency  {result['latency']['not_measured']}")
         if "runtime" in result:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from calibration import CalibrationError, CalibrationSet
+from calibration import CalibrationError, CalibrationSet, InputSpec
 from exporters.common import ExportError
 
 from . import artefact, targets, weights as weights_mod, zoo
@@ -72,6 +72,9 @@ class ExportResult:
             lines.append(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
                          f"cosine {p['cosine']:.6f}, SQNR {p['sqnr_db']:.1f} dB, top-1 agree {p['top1_agreement']:.1%} "
                          f"on {p['samples']} held-out images")
+            if p.get("ref_accuracy") is not None:
+                lines.append(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
+                             f"(labelled held-out images)")
             if p.get("reason"):
                 lines.append(f"  reason   {p['reason']}")
         lat = m.get("latency")
@@ -96,8 +99,14 @@ class ExportResult:
 def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: str = "auto", calib: Optional[str] = None,
            out: str | os.PathLike = "artefacts", *, num_classes: Optional[int] = None, labels_file: Optional[str] = None,
            trust_checkpoint: bool = False, options: Optional[ExportOptions] = None, strict_calib: bool = False,
-           lock_timeout: float = 600.0, quiet: bool = False) -> ExportResult:
-    """Export ``arch`` to ``target`` at ``precision``, validate it, and write the artefact bundle."""
+           lock_timeout: float = 600.0, quiet: bool = False, input_spec: Optional[InputSpec] = None) -> ExportResult:
+    """Export ``arch`` to ``target`` at ``precision``, validate it, and write the artefact bundle.
+
+    ``input_spec`` overrides the zoo entry's input (size, channels, grey, mean/std) for a checkpoint
+    trained on other images, e.g. ``calibration.derive_spec(entry.spec, size=32, grey=True, mean=[0.286],
+    std=[0.353])`` for Fashion-MNIST; the manifest and the model's metadata record the spec actually used.
+    A labelled ``.npz`` calibration source (``images`` + ``labels``) adds labelled accuracy to parity.
+    """
     t_start = time.perf_counter()
     say = Progress(quiet=quiet)
     options = options or ExportOptions()
@@ -111,15 +120,25 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
     say(f"building {entry.name} (weights: {weights})")
     model, winfo = weights_mod.build(entry, weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     labels = _labels(entry, winfo.num_classes, labels_file)
+    spec = entry.spec if input_spec is None else _check_spec(entry, model, input_spec)
 
     say("preparing calibration and held-out evaluation images")
     try:
-        calib_set = CalibrationSet.create(calib, entry.spec, calib_size=options.calib_size,
+        calib_set = CalibrationSet.create(calib, spec, calib_size=options.calib_size,
                                           eval_size=options.eval_size, seed=options.seed, strict=strict_calib)
         if not calib_set.eval_items:
             raise CalibrationError(f"{calib_set.source}: too few images to hold any out for evaluation",
                                    hint="use a folder with at least two images", path=calib_set.source)
         eval_inputs = calib_set.array("eval")
+        eval_labels = calib_set.labels("eval")
+        if eval_labels is not None and len(eval_labels) != len(eval_inputs):
+            log.warning("labelled accuracy not reported: %d of %d held-out images could not be read",
+                        len(eval_labels) - len(eval_inputs), len(eval_labels))
+            eval_labels = None
+        if eval_labels is not None and eval_labels.max() >= winfo.num_classes:
+            raise CalibrationError(f"{calib_set.source}: label {int(eval_labels.max())} is out of range for a "
+                                   f"{winfo.num_classes}-class model", hint="labels are class indices from 0",
+                                   path=calib_set.source)
         if winfo.source == "random":
             used = weights_mod.reestimate_batchnorm(model, calib_set.iter_batches("calib", batch_size=16))
             if used:
@@ -136,8 +155,8 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                          hint="check the weights (a diverged checkpoint?)")
 
     final = artefact.bundle_dir(out, entry.name, tgt.name, precision)
-    metadata = _model_metadata(entry, winfo, precision, tgt.name, labels)
-    ctx = BuildContext(arch=entry.name, model=model, spec=entry.spec, labels=labels, precision=precision,
+    metadata = _model_metadata(entry, spec, winfo, precision, tgt.name, labels)
+    ctx = BuildContext(arch=entry.name, model=model, spec=spec, labels=labels, precision=precision,
                        calib=calib_set, eval_inputs=eval_inputs, reference=reference, trained=winfo.pretrained,
                        options=options, metadata=metadata, say=say)
 
@@ -149,8 +168,8 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
             except ExportError as exc:
                 raise ToolchainError(str(exc), hint=exc.hint) from None
             _write_labels(staging.path, labels)
-            _write_reference(staging.path, calib_set, entry.spec, model)
-            manifest = _base_manifest(entry, tgt.name, precision, winfo, labels, calib_set, options, built)
+            _write_reference(staging.path, calib_set, spec, model)
+            manifest = _base_manifest(entry, spec, tgt.name, precision, winfo, labels, calib_set, options, built)
             status = "pending" if built.pending else "validated"
             if not built.pending:
                 runner = tgt.open_runner(staging.path, manifest, threads=options.threads)
@@ -160,7 +179,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                 else:
                     say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
-                                          min_agreement=options.int8_min_agreement,
+                                          labels=eval_labels, min_agreement=options.int8_min_agreement,
                                           noise_floor=lambda idx: fp32_noise_floor(model, eval_inputs, reference, idx))
                     manifest["parity"] = {**parity.to_dict(), "runtime": runner.describe().get("runtime")}
                     if not parity.passed:
@@ -170,7 +189,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                         manifest["latency"] = {"not_measured": runner.latency_reason, "runtime": runner.describe()}
                     elif options.latency:
                         say("measuring latency")
-                        manifest["latency"] = measure_latency(runner, entry.spec.shape, seed=options.seed)
+                        manifest["latency"] = measure_latency(runner, spec.shape, seed=options.seed)
                         side = built.extra.get("int8", {})
                         if side.get("speedup_vs_fp32"):  # measured side by side by the target, same run
                             manifest["latency"]["speedup_vs_fp32"] = side["speedup_vs_fp32"]
@@ -229,10 +248,27 @@ def _labels(entry, num_classes: int, labels_file: Optional[str]) -> list:
     return zoo.labels_for(entry, num_classes)
 
 
-def _model_metadata(entry, winfo, precision: str, target: str, labels: list) -> dict:
+def _check_spec(entry, model, spec: InputSpec) -> InputSpec:
+    """An overridden input spec must fit the model: one forward pass on zeros says so before any work."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(spec.batch_shape(2)))
+    except RuntimeError as exc:
+        raise UsageError(f"{entry.name} does not accept {spec.channels}x{spec.height}x{spec.width} inputs "
+                         f"({str(exc).splitlines()[0][:160]})",
+                         hint=f"the zoo's input is {'x'.join(map(str, entry.spec.shape))}; check --input-size/--grey") from None
+    if out.ndim != 2:
+        raise UsageError(f"{entry.name} gives outputs of shape {tuple(out.shape)} at {spec.height}x{spec.width} "
+                         "instead of N x classes", hint="check --input-size")
+    return spec
+
+
+def _model_metadata(entry, spec, winfo, precision: str, target: str, labels: list) -> dict:
     return {"edgecnn.version": edgecnn_version(), "edgecnn.arch": entry.name, "edgecnn.precision": precision,
             "edgecnn.target": target, "edgecnn.weights": winfo.source if not winfo.source.startswith("checkpoint:")
-            else "checkpoint", "edgecnn.input": json.dumps(entry.spec.to_dict(), sort_keys=True),
+            else "checkpoint", "edgecnn.input": json.dumps(spec.to_dict(), sort_keys=True),
             "edgecnn.labels": json.dumps(labels)}
 
 
@@ -254,11 +290,15 @@ def _write_reference(root: Path, calib_set: CalibrationSet, spec, model) -> None
     if len(pixels) == 0:
         return
     ref = torch_reference(model, normalize(pixels, spec))
+    extra = {}
+    label_of = {it.id: it.label for it in calib_set.eval_items}
+    if all(label_of.get(i) is not None for i in ids):
+        extra["labels"] = np.asarray([label_of[i] for i in ids], dtype=np.int64)  # labelled source: keep them
     np.savez_compressed(root / REFERENCE_FILE, pixels=pixels, reference=ref.astype(np.float32),
-                        ids=np.asarray(ids), input_spec=np.asarray(json.dumps(spec.to_dict(), sort_keys=True)))
+                        ids=np.asarray(ids), input_spec=np.asarray(json.dumps(spec.to_dict(), sort_keys=True)), **extra)
 
 
-def _base_manifest(entry, target: str, precision: str, winfo, labels, calib_set, options, built) -> dict:
+def _base_manifest(entry, spec, target: str, precision: str, winfo, labels, calib_set, options, built) -> dict:
     return {
         "schema_version": artefact.SCHEMA_VERSION,
         "edgecnn_version": edgecnn_version(),
@@ -269,7 +309,8 @@ def _base_manifest(entry, target: str, precision: str, winfo, labels, calib_set,
         "status": "building",
         "model_file": built.model_file,
         "weights": winfo.to_dict(),
-        "input": entry.spec.to_dict(),
+        "input": spec.to_dict(),
+        "input_from": "zoo" if spec == entry.spec else "override (custom-trained checkpoint)",
         "output": {"name": "logits", "shape": [1, winfo.num_classes], "kind": "logits (no softmax)"},
         "num_classes": winfo.num_classes,
         "labels_file": "labels.txt",

@@ -22,13 +22,14 @@ def validate_bundle(root: str | Path, *, threads: int = 1, latency: bool = True,
         raise IntegrityError(f"{ref_path} is missing", hint="re-export: bundles carry their reference outputs")
     with np.load(ref_path, allow_pickle=False) as ref:
         pixels, reference = ref["pixels"], ref["reference"]
+        labels = ref["labels"] if "labels" in ref.files else None  # written when the eval images were labelled
     spec = InputSpec.from_dict(manifest["input"])
     inputs = normalize(pixels, spec)
     runner = tgt.open_runner(root, manifest, threads=threads)
     if runner is None:
         return {"status": "pending", "reason": tgt.runtime_unavailable_reason(manifest)}
     parity = check_parity(runner, inputs, reference, manifest["precision"], trained=manifest["weights"]["pretrained"],
-                          min_agreement=min_agreement,
+                          labels=labels, min_agreement=min_agreement,
                           noise_floor=(manifest.get("parity") or {}).get("fp32_noise_floor"))
     result = {"status": "validated" if parity.passed else "failed", "parity": parity.to_dict(),
               "runtime": runner.describe()}
