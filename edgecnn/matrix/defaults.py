@@ -1,7 +1,7 @@
 """The default matrix (importable without torch, so `edgecnn --help` stays fast)."""
 from __future__ import annotations
 
-from ..targets import TARGET_NAMES
+from ..target_names import TARGET_NAMES
 
 # The project's focus nets; heavy or other nets are opt-in via ARCHS.
 DEFAULT_ARCHS = ("squeezenet1_0", "squeezenet1_1", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small",

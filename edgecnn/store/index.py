@@ -21,15 +21,10 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 ENTRY_FIELDS = ("arch", "target", "precision", "version", "status", "sha256", "bytes", "archive", "manifest")
 
-# Kept in step with edgecnn.targets._ALIASES (a test checks it). Not imported from there: that module
-# pulls in onnx, and `edgecnn pull` has to run on a device that has neither onnx nor torch.
-TARGET_ALIASES = {"tensorrt": "trt", "coremltools": "coreml", "mlpackage": "coreml", "ort": "onnx",
-                  "onnxruntime": "onnx"}
-
-
-def normalize_target(name: str) -> str:
-    key = (name or "").strip().lower()
-    return TARGET_ALIASES.get(key, key)
+# From the light module, not edgecnn.targets: that one pulls in onnx, and `edgecnn pull` has to run on a
+# device that has neither onnx nor torch.
+from ..target_names import TARGET_ALIASES  # noqa: E402  (re-exported for callers)
+from ..target_names import canonical_target as normalize_target  # noqa: E402
 
 
 def check_version(version: str) -> str:

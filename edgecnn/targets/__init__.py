@@ -10,8 +10,8 @@ from .coreml import CoreMLTarget
 from .onnx import OnnxTarget
 from .trt import TrtTarget
 
-TARGET_NAMES = ("onnx", "trt", "coreml")  # the names the CLI and Makefile accept
-_ALIASES = {"tensorrt": "trt", "coremltools": "coreml", "mlpackage": "coreml", "ort": "onnx", "onnxruntime": "onnx"}
+from ..target_names import TARGET_ALIASES as _ALIASES
+from ..target_names import TARGET_NAMES
 _TARGETS: Dict[str, Target] = {"onnx": OnnxTarget(), "trt": TrtTarget(), "coreml": CoreMLTarget()}
 
 

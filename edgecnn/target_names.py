@@ -1,0 +1,13 @@
+"""The target names and their aliases, in a module that imports nothing heavy.
+
+``edgecnn.targets`` (which imports onnx, coremltools …) uses these; so do the store and the matrix
+defaults, which must stay importable on a machine that only pulls artefacts.
+"""
+TARGET_NAMES = ("onnx", "trt", "coreml")  # the names the CLI and Makefile accept
+TARGET_ALIASES = {"tensorrt": "trt", "coremltools": "coreml", "mlpackage": "coreml", "ort": "onnx",
+                  "onnxruntime": "onnx"}
+
+
+def canonical_target(name: str) -> str:
+    key = (name or "").strip().lower()
+    return TARGET_ALIASES.get(key, key)
