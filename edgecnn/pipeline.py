@@ -28,7 +28,7 @@ from . import artefact, targets, weights as weights_mod, zoo
 from .errors import GateFailed, InputError, OutputError, ToolchainError, UsageError
 from .progress import Progress
 from .targets import BuildContext, ExportOptions
-from .validate import REFERENCE_FILE, check_parity, fp32_noise_floor, measure_latency, torch_reference
+from .validate import REFERENCE_FILE, check_parity, fp64_outputs, measure_latency, torch_reference
 from .versions import edgecnn_version, toolchain
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                     say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
                     parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
                                           labels=eval_labels, min_agreement=options.int8_min_agreement,
-                                          noise_floor=lambda idx: fp32_noise_floor(model, eval_inputs, reference, idx))
+                                          noise_floor=lambda idx: fp64_outputs(model, eval_inputs, idx))
                     manifest["parity"] = {**parity.to_dict(), "runtime": runner.describe().get("runtime")}
                     if not parity.passed:
                         status = "failed"

@@ -31,7 +31,8 @@ class Parity:
     top5_overlap: float           # mean |top5(out) ∩ top5(ref)| / 5
     ref_top1_in_top5: float       # share of samples whose reference top-1 is in the artefact's top-5
     nonfinite: int = 0            # NaN/Inf values in the artefact's output
-    fp32_noise_floor: Optional[float] = None  # torch FP32 vs torch FP64 relative error on the same inputs
+    fp32_noise_floor: Optional[float] = None   # torch FP32 vs torch FP64 relative error on the same inputs
+    fp32_error_vs_fp64: Optional[float] = None  # the artefact vs torch FP64, on the same inputs
     ref_accuracy: Optional[float] = None
     accuracy: Optional[float] = None
     gate: str = ""
@@ -80,14 +81,9 @@ def compare(ref: np.ndarray, out: np.ndarray, *, labels: Optional[Sequence[int]]
 
 
 def fp32_threshold(noise_floor: Optional[float]) -> float:
-    """FP32 bar: 1e-4 relative, or twice PyTorch's own FP32 rounding error when the net is worse conditioned.
-
-    Measured: a random-init EfficientNet-B1 with re-estimated BatchNorm differs from its own FP64 run by
-    3.1e-4 relative in torch FP32, while onnxruntime is *closer* to FP64 (1.6e-4) — yet 4.6e-4 from torch
-    FP32. Holding the artefact to 1e-4 of a reference that is itself only 3e-4 right would fail correct
-    exports; the bar is therefore relative to the reference's own noise when that noise is larger.
-    """
-    return max(FP32_MAX_REL_ERROR, 2.0 * noise_floor) if noise_floor else FP32_MAX_REL_ERROR
+    """The FP32 bar on the error against the PyTorch FP32 reference: 1e-4 relative, or 3x PyTorch's own FP32
+    error against FP64 when the net is worse conditioned (see ``apply_gate``)."""
+    return max(FP32_MAX_REL_ERROR, 3.0 * noise_floor) if noise_floor else FP32_MAX_REL_ERROR
 
 
 def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float = INT8_MIN_AGREEMENT) -> Parity:
@@ -98,10 +94,22 @@ def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float
         p.reason = f"{p.nonfinite} NaN/Inf values in the artefact's output"
         return p
     if precision == "fp32":
-        limit = fp32_threshold(p.fp32_noise_floor)
-        p.gate = f"max relative error <= {limit:.3g}" + (
-            f" (2x PyTorch's own FP32 error vs FP64, {p.fp32_noise_floor:.2g})" if limit > FP32_MAX_REL_ERROR else "")
-        p.passed = p.max_rel_error <= limit
+        # 1e-4 relative to the PyTorch FP32 reference. When PyTorch FP32 is itself further than that from the
+        # exact (FP64) result — measured: random-init EfficientNet-B1 3.1e-4, B5 6.5e-2, with onnxruntime
+        # *closer* to FP64 than torch — the artefact is judged against FP64 instead: no more than 2x PyTorch
+        # FP32's own error. Without FP64 (``edgecnn validate`` on a device) the recorded floor gives the
+        # equivalent bar against the reference: 3x (triangle inequality).
+        floor = p.fp32_noise_floor
+        if p.fp32_error_vs_fp64 is not None and floor and p.max_rel_error > FP32_MAX_REL_ERROR:
+            limit = max(FP32_MAX_REL_ERROR, 2.0 * floor)
+            p.gate = (f"max relative error vs FP64 <= {limit:.3g} (2x PyTorch FP32's own error vs FP64, {floor:.2g}; "
+                      f"error vs PyTorch FP32 {p.max_rel_error:.3g})")
+            p.passed = p.fp32_error_vs_fp64 <= limit
+        else:
+            limit = fp32_threshold(floor)
+            p.gate = f"max relative error <= {limit:.3g}" + (
+                f" (3x PyTorch's own FP32 error vs FP64, {floor:.2g})" if limit > FP32_MAX_REL_ERROR else "")
+            p.passed = p.max_rel_error <= limit
     elif precision == "fp16":
         p.gate = f"cosine >= {FP16_MIN_COSINE}"
         p.passed = p.min_cosine >= FP16_MIN_COSINE
@@ -122,6 +130,8 @@ def apply_gate(p: Parity, precision: str, *, trained: bool, min_agreement: float
 
 def _measured(p: Parity, precision: str) -> str:
     if precision == "fp32":
+        if p.fp32_error_vs_fp64 is not None and p.max_rel_error > FP32_MAX_REL_ERROR:
+            return f"max relative error vs FP64 {p.fp32_error_vs_fp64:.3g}"
         return f"max relative error {p.max_rel_error:.3g}"
     if precision == "fp16":
         return f"min cosine {p.min_cosine:.5f}"
