@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -117,28 +118,16 @@ class LocalStore(Store):
         dest = self.root / name
         if dest.is_file() and artefact.sha256_file(dest) == artefact.sha256_file(local):
             return  # already there, same bytes
-        tmp = self.root / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(local, "rb") as src, open(tmp, "wb") as dst:
-                while True:
-                    block = src.read(1 << 20)
-                    if not block:
-                        break
-                    dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, dest)
-        except OSError as exc:
-            raise OutputError(f"cannot write {dest} ({exc.strerror})", hint="check free space and permissions") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with open(local, "rb") as src:
+            self._write_atomic(lambda dst: shutil.copyfileobj(src, dst, 1 << 20), dest)
 
-    def _write_atomic(self, data: bytes, path: Path) -> None:
+    def _write_atomic(self, data, path: Path) -> None:
+        """Write ``data`` (bytes, or a callable writing into the open file) to a hidden temp sibling,
+        fsync, then rename over ``path``: readers never see a half-written archive or index."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                data(f) if callable(data) else f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
