@@ -69,6 +69,8 @@ HEADERS = ("arch", "target", "precision", "status", "weights", "size MB", "max r
 def row(r: CellResult) -> Tuple[str, ...]:
     p, lat = r.parity, r.latency
     note = r.reason if r.status != "validated" else (r.latency_note or "")
+    if r.parity_source:
+        note += ("; " if note else "") + f"parity §: {r.parity_source}"
     if r.checks:
         note += ("; " if note else "") + "local checks: " + ", ".join(
             f"{c['name']} {'PASS' if c['passed'] else 'FAIL'}" for c in r.checks)
@@ -312,6 +314,8 @@ def _legend_lines(run) -> List[str]:
         "Speed-up vs FP32 = FP32 p50 / this p50 for the same arch and target; ‡ = from two separate cells' "
         "measurements (not side by side); no mark = measured side by side in one export.",
         "Time s: wall time of the cell in this run (for reused cells, the original export time).",
+        "Parity § (pending cells): numbers of a local stand-in named in the note — for a TensorRT INT8 bundle, "
+        "onnxruntime running the very Q/DQ model TensorRT will build from — not of the device runtime.",
     ]
     return lines
 

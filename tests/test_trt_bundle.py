@@ -205,3 +205,20 @@ def test_fp16_bundle_files_small_model(tmp_path):
     assert cos.min() > 0.999
     init_types = {i.data_type for i in onnx.load(tmp_path / "model.fp16.onnx").graph.initializer}
     assert onnx.TensorProto.FLOAT16 in init_types
+
+
+def test_matrix_shows_the_local_qdq_check_as_labelled_proxy_parity(bundles):
+    """A pending TensorRT INT8 cell shows the onnxruntime parity of the shipped Q/DQ model, labelled as such;
+    a pending FP16 cell shows none (nothing here runs FP16 TensorRT kernels)."""
+    from edgecnn.matrix.results import from_manifest
+    from edgecnn.report import row
+
+    res = bundles["int8"]
+    r = from_manifest(res.manifest, res.path, outcome="built", seconds=1.0)
+    ort_check = {c["name"]: c for c in res.manifest["local_checks"]}[
+        "onnxruntime check of model.int8.qdq.onnx (the Q/DQ model)"]
+    assert r.status == "pending" and r.parity["sqnr_db"] == ort_check["parity"]["sqnr_db"]
+    assert "the Q/DQ model" in r.parity_source and "not the device runtime" in r.parity_source
+    assert not r.latency and "parity §" in row(r)[-1]
+    fp16 = dict(res.manifest, precision="fp16")
+    assert from_manifest(fp16, res.path, outcome="built", seconds=1.0).parity == {}

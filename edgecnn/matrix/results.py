@@ -31,6 +31,7 @@ class CellResult:
     model_bytes: Optional[int] = None
     bundle_bytes: Optional[int] = None
     parity: Dict[str, Any] = field(default_factory=dict)
+    parity_source: str = ""                  # "" = the artefact's runtime; else which local proxy produced it
     latency: Dict[str, Any] = field(default_factory=dict)   # p50_ms, p90_ms, p99_ms, throughput_ips, runtime, threads
     latency_note: str = ""
     speedup_vs_fp32: Optional[float] = None
@@ -89,6 +90,12 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
     b1 = lat.get("batch1")
     checks = [c for c in manifest.get("local_checks") or [] if isinstance(c, dict) and "name" in c]
     r.checks = [{"name": str(c["name"]), "passed": bool(c.get("passed"))} for c in checks]
+    if status == "pending" and not parity:
+        proxy = local_proxy_check(checks, manifest["precision"])
+        if proxy is not None:
+            parity = {k: proxy["parity"][k] for k in PARITY_FIELDS if k in proxy["parity"]}
+            r.parity = parity
+            r.parity_source = f"{proxy['name']} on this machine, not the device runtime"
     if status == "pending":
         # the runtime that matters is on the device; local timings (e.g. of the ONNX on onnxruntime) are
         # not that runtime's latency and are kept out of the latency columns, plots and speed-ups
@@ -118,6 +125,22 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
     if weights.get("pretrained") is False:
         r.notes.append("random-init weights: agreement/accuracy not meaningful")
     return r
+
+
+def local_proxy_check(checks: List[Dict[str, Any]], precision: str) -> Optional[Dict[str, Any]]:
+    """The local check that ran the very model the device will run, at the cell's precision, if any.
+
+    A TensorRT INT8 bundle ships the Q/DQ model TensorRT builds from, and onnxruntime ran it here: its parity
+    is a fair (clearly labelled) proxy. FP16 has none: the engine's FP16 kernels exist only on the device,
+    and the FP32 model.onnx check would say nothing about FP16."""
+    with_parity = [c for c in checks if isinstance(c.get("parity"), dict) and "onnxruntime" in str(c["name"])]
+    if precision == "int8":
+        found = [c for c in with_parity if "Q/DQ" in c["name"] or ".qdq." in c["name"]]
+    elif precision == "fp32":
+        found = [c for c in with_parity if c["name"].endswith(" model.onnx")]
+    else:
+        found = []
+    return found[-1] if found else None
 
 
 def error_result(arch: str, target: str, precision: str, *, outcome: str, reason: str, family: str, exit_code: int,
