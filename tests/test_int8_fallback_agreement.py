@@ -6,6 +6,7 @@ the situation of pretrained EfficientNet-Lite0 at 224 px, in seconds."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from calibration.ranges import compute_ranges
@@ -116,3 +117,33 @@ def test_trt_recipe_agreement_phase_keeps_layers_float_within_the_qdq_rules(sque
     assert set(extra) <= set(report.stats["float_layers"]) and set(extra) <= set(res.info["float_layers"])
     assert res.info["quantized_layers"] == len([n for n in model.graph.node if n.op_type in quant_trt.QUANTIZED_OPS]) \
         - len(res.info["float_layers"])
+
+
+def test_fallback_stops_at_the_speed_floor(squeeze, tmp_path):
+    """Float layers cost speed (EfficientNet-Lite0: 20 of 59 float made INT8 0.78x FP32): a step that would
+    take the model below ``min_speedup`` is not kept and the search stops. The speed model here is the
+    share of tensors still quantized (deterministic, so the test checks the loop, not the busy box)."""
+    d, fp32, x, ref = squeeze
+    prep = d / "prep-s.onnx"
+    quant_ort.prepare(fp32, prep)
+    ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
+    base = quant_ort.default_exclusions(prep)
+    full = tmp_path / "full.onnx"
+    quant_ort.quantize(prep, full, ranges, list(base))
+    n_q = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(full)).graph.node)
+    seen = []
+
+    def speedup(path):
+        s = 2.0 * sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node) / n_q
+        seen.append(s)
+        return s
+
+    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "o.onnx"), ranges, x, reference=ref,
+                                  candidates=quant_ort.quantizable_nodes(prep), base_exclude=base,
+                                  min_agreement=1.0, max_float_fraction=0.5, min_gain_db=100.0, rank_images=32,
+                                  batch=3, speedup=speedup, min_speedup=1.999)
+    assert seen and all(s < 1.999 for s in seen), "every float layer removes Q/DQ pairs"
+    assert res.stopped == "speed floor" and res.excluded == base
+    last = res.steps[-1]
+    assert not last["kept"] and last["speedup_vs_fp32"] < 1.999
+    assert len([s for s in res.steps if "speedup_vs_fp32" in s]) == 1, "the search stops at the first too-slow step"

@@ -25,6 +25,7 @@ from .base import BuildContext
 PROBE_IMAGES = 128   # agreement on the probe: 1 flip = 0.8 %, fine enough to aim at a 99 % bar
 RANK_IMAGES = 48     # the per-layer sensitivity ranking (one quantize + run per layer) uses the first 48
 RANDOM_SQNR_MARGIN_DB = 2.0   # probe images are not the held-out ones: aim a little above the gate
+MIN_SPEEDUP = 1.1    # float layers may not take INT8 below this speed-up over FP32 (quick timing: keep a margin)
 
 
 def calib_method(ctx: BuildContext) -> str:
@@ -66,6 +67,7 @@ def fallback_block(ctx: BuildContext, result, probe: np.ndarray) -> dict:
             "probe": f"{len(probe)} images of the calibration split (the held-out split stays unseen); "
                      f"sensitivity ranked on the first {min(len(probe), RANK_IMAGES)}",
             "max_float_fraction": float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
+            "min_speedup": float(ctx.options.extra.get("int8_min_speedup", MIN_SPEEDUP)) if ctx.options.latency else None,
             "min_sqnr_db": None if ctx.trained else min_sqnr,
             "note": None if ctx.trained else "random-init weights: agreement is not meaningful; the fallback "
                                              "aims at the SQNR gate instead"}
@@ -144,8 +146,13 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         finally:
             os.remove(variant)
 
+    speed_opts = {}
+    floor = float(ctx.options.extra.get("int8_min_speedup", MIN_SPEEDUP))
+    if ctx.options.latency and floor > 0:
+        speed_opts = {"speedup": quick_speedup(fp32_path, ctx.spec.shape, threads=ctx.options.threads),
+                      "min_speedup": floor}
     result = quant_fallback.fallback(
-        run_recipe, os.fspath(prepared), os.fspath(out_path), ranges, probe,
+        run_recipe, os.fspath(prepared), os.fspath(out_path), ranges, probe, **speed_opts,
         reference=quant_fallback.run_onnx(os.fspath(fp32_path), probe),  # the FP32 model, not the corrected one
         candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, **fallback_options(ctx))
     if defaults_out is not None and len(result.excluded) > len(base):
@@ -167,6 +174,28 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         except OSError:
             pass
     return recipe
+
+
+def quick_speedup(fp32_path: Path, shape, *, threads: int = 1, rounds: int = 2, seconds: float = 0.3):
+    """A callable ``path -> speed-up over FP32`` for the fallback's speed floor: FP32 and the candidate
+    timed alternately at batch 1 (short: it runs once per kept fallback step; the final artefact is timed
+    properly by ``side_by_side_latency``)."""
+    from ..runtimes.onnxruntime import OnnxRuntimeRunner
+    from ..validate.latency import time_runs
+
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    fp32 = OnnxRuntimeRunner(Path(fp32_path), threads=threads)
+
+    def measure(path) -> float:
+        cand = OnnxRuntimeRunner(Path(path), threads=threads)
+        t = {"fp32": [], "int8": []}
+        for _ in range(rounds):
+            for k, r in (("fp32", fp32), ("int8", cand)):
+                t[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=5, min_seconds=seconds,
+                                      max_seconds=4 * seconds).p50_ms)
+        return float(np.median(t["fp32"]) / np.median(t["int8"]))
+
+    return measure
 
 
 def side_by_side_latency(fp32_path: Path, int8_path: Path, shape, *, threads: int = 1, rounds: int = 3,
