@@ -34,7 +34,9 @@ pytestmark = pytest.mark.skipif(not _no_tensorrt(), reason="TensorRT is installe
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     out = tmp_path_factory.mktemp("art")
-    opts = dict(calib_size=96, eval_size=48, latency=False)
+    # the default calibration/evaluation sizes, as users run it: random-init MobileNetV3-small's INT8 SQNR sits
+    # near the 10 dB random-init bar, and with 96 calibration images it measured 9.2 dB on the held-out crops
+    opts = dict(latency=False)
     fp32 = export(ARCH, "trt", "fp32", out=out, options=ExportOptions(**opts), quiet=True)
     int8 = export(ARCH, "trt", "int8", out=out, options=ExportOptions(**opts), quiet=True)
     return {"fp32": fp32, "int8": int8}
@@ -76,7 +78,7 @@ def test_int8_bundle_qdq_model_and_cache(bundles):
     assert m["recipe"]["recipe"] == "trt" and m["recipe"]["opset"] == 17 and m["recipe"]["float_layers"]
     # the INT8 fallback ran on the trt recipe: what it keeps float is what the Q/DQ model keeps float
     fb = m["recipe"]["fallback"]
-    assert fb["enabled"] and fb["probe"].startswith("96 images of the calibration split")
+    assert fb["enabled"] and fb["probe"].startswith("128 images of the calibration split")
     assert set(fb["layers_float"]) == set(m["recipe"]["float_layers"])
     assert set(fb["layers_float"]) <= set(checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["report"]["stats"]["float_layers"])
     # the cache: TensorRT header for the default target, one entry per float tensor of model.onnx
