@@ -822,23 +822,18 @@ class CoreMLProgram:
                 continue
             static, dynamic = {}, []
             for arg, argument in op.inputs.items():
-                vals, names, all_static = [], [], True
+                entries = []          # (variable name, None) or (None, constant value)
                 for b in argument.arguments:
                     if b.WhichOneof("binding") == "name":
-                        if b.name in self.consts:
-                            vals.append(self.consts[b.name])
-                            names.append(_Imm(_from_np(self.consts[b.name])))
-                        else:
-                            names.append(b.name)
-                            all_static = False
+                        entries.append((None, self.consts[b.name]) if b.name in self.consts else (b.name, None))
                     else:
-                        v = self._value(b.value)
-                        names.append(_Imm(_from_np(v)))
-                        vals.append(v)
+                        entries.append((None, self._value(b.value)))
                 is_tuple = op.type == "concat" and arg == "values"
-                if all_static:
+                if all(n is None for n, _ in entries):
+                    vals = [v for _, v in entries]
                     static[arg] = vals if is_tuple else vals[0]
-                else:
+                else:   # a list mixing variables and constants: the constants as torch values, converted once
+                    names = [_Imm(_from_np(v)) if n is None else n for n, v in entries]
                     dynamic.append((arg, names, is_tuple))
             outputs = [(o.name, int(o.type.tensorType.dataType) if o.type.WhichOneof("type") == "tensorType" else 0)
                        for o in op.outputs]
