@@ -724,6 +724,7 @@ def _load_spec(path: Path):
 
 
 _MALLOC_TUNED = False
+MALLOC_SETTING = "default"   # what _keep_freed_memory set, for describe()
 
 
 def _keep_freed_memory() -> None:
@@ -735,7 +736,7 @@ def _keep_freed_memory() -> None:
     Raising the mmap threshold (64 MiB) and the trim threshold (256 MiB) makes them reuse the heap, as
     onnxruntime's arena does. Process-wide and once; glibc only (elsewhere a no-op); skipped when
     ``EDGECNN_COREML_REF_MALLOC=0`` or when the user tuned malloc through the environment already."""
-    global _MALLOC_TUNED
+    global _MALLOC_TUNED, MALLOC_SETTING
     if _MALLOC_TUNED:
         return
     _MALLOC_TUNED = True
@@ -750,8 +751,8 @@ def _keep_freed_memory() -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+        if libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20):
+            MALLOC_SETTING = "glibc M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 256 MiB (freed buffers reused)"
     except (OSError, AttributeError):
         pass
 
@@ -983,7 +984,7 @@ class CoreMLReferenceRunner:
                 "FP32 with each op output rounded to its declared dtype (FP16 storage mimicked)",
                 "model": self.program.path.name, "opset": self.program.opset, "threads": self.threads,
                 "compute_units": "n/a (no Core ML runtime on this OS)", "kernels": "torch (conv, pool, linear, "
-                "elementwise, reductions, quantize/dequantize), NumPy (the rest)"}
+                "elementwise, reductions, quantize/dequantize), NumPy (the rest)", "malloc": MALLOC_SETTING}
 
 
 def to_pixels(x: np.ndarray, spec) -> np.ndarray:
