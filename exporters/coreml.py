@@ -154,19 +154,11 @@ def strip_for_quantization(module):
 W8A8_SCHEMES = ("symmetric", "affine")
 
 
-def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *,
-                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine"):
-    """W8A8 with ``coremltools.optimize.torch``'s LinearQuantizer, calibration only (no training).
-
-    Weights: INT8 per-channel; activations: 8-bit per-tensor, ranges by a min/max observer over the
-    whole calibration set (not the default moving average, whose first batch would dominate a short
-    calibration; a histogram observer measured no better here). ``scheme``: "affine" (default) or
-    "symmetric" (coremltools' own default, zero points 0/128). Measured here in PyTorch simulation on
-    held-out sample photos: pretrained EfficientNet-Lite0 top-1 agreement 81% affine vs 67% symmetric;
-    random-init MobileNetV3-Large SQNR 12.0 vs 9.0 dB. Most of Lite0's loss is its per-channel INT8
-    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules``
-    paths) left in float: the hook for a sensitivity fallback. Returns (finalized module, info dict).
-    """
+def prepare_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *, keep_float: Sequence[str] = (),
+                 max_images: int = 512, scheme: str = "affine"):
+    """The calibration half of :func:`quantize_w8a8`: (quantizer, prepared model with calibrated observers,
+    images seen, StochasticDepth modules stripped). ``quantizer.finalize`` turns it into the W8A8 model;
+    the sensitivity fallback (``exporters.coreml_fallback``) simulates on the prepared model instead."""
     if scheme not in W8A8_SCHEMES:
         raise ExportError(f"unknown W8A8 scheme {scheme!r}", hint=f"use one of {', '.join(W8A8_SCHEMES)}")
     import torch
@@ -204,6 +196,26 @@ def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], 
                 seen += len(batch)
         if seen == 0:
             raise ExportError("W8A8 calibration got no images", hint="pass CALIB=<folder of images>")
+    return quantizer, prepared, seen, stripped
+
+
+def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *,
+                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine"):
+    """W8A8 with ``coremltools.optimize.torch``'s LinearQuantizer, calibration only (no training).
+
+    Weights: INT8 per-channel; activations: 8-bit per-tensor, ranges by a min/max observer over the
+    whole calibration set (not the default moving average, whose first batch would dominate a short
+    calibration; a histogram observer measured no better here). ``scheme``: "affine" (default) or
+    "symmetric" (coremltools' own default, zero points 0/128). Measured here in PyTorch simulation on
+    held-out sample photos: pretrained EfficientNet-Lite0 top-1 agreement 81% affine vs 67% symmetric;
+    random-init MobileNetV3-Large SQNR 12.0 vs 9.0 dB. Most of Lite0's loss is its per-channel INT8
+    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules``
+    paths) left in float (``exporters.coreml_fallback`` chooses them). Returns (finalized module, info dict).
+    """
+    quantizer, prepared, seen, stripped = prepare_w8a8(module, spec, calib_batches, keep_float=keep_float,
+                                                       max_images=max_images, scheme=scheme)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
         final = quantizer.finalize(inplace=False).eval()
     info = {"method": "coremltools.optimize.torch LinearQuantizer, calibration only (no training)",
             "scheme": scheme, "weights": f"int8 {scheme}, per output channel (min/max)",

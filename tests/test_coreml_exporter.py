@@ -67,25 +67,10 @@ def _check(arch: str, precision: str, tmp_path, variants=ce.VARIANTS, int8_vs_si
                   f"random-init gate); PyTorch W8A8 simulation vs FP32 {sim_db:.1f} dB; program vs simulation "
                   f"SQNR {s.sqnr_db:.1f} dB, top-1 {s.top1_agreement:.0%}")
             assert s.sqnr_db >= min(20.0, sim_db - 3.0), (arch, variant, sim_db, s.to_dict())
-        elif precision == "fp16" and not p.passed:
-            _no_worse_than_torch_half(arch, model, x, ref, p)
         else:
             assert p.passed, f"{arch} {precision} {variant}: {p.reason}"
         results[variant] = (info, p, runner)
     return results, recipe
-
-
-def _no_worse_than_torch_half(arch, model, x, ref, p):
-    """A random-init net whose own PyTorch FP16 (``model.half()``) misses the FP16 gate too (measured:
-    random EfficientNet-B1/B2, logits up to ~260) must be at least as close to FP32 as that."""
-    import copy
-
-    half = copy.deepcopy(model).half()
-    with torch.no_grad():
-        h = half(torch.from_numpy(x).half()).float().numpy()
-    torch_half = compare(ref, h).min_cosine
-    print(f"{arch}: Core ML FP16 min cosine {p.min_cosine:.5f}, PyTorch FP16 {torch_half:.5f}")
-    assert torch_half < 0.999 and p.min_cosine >= torch_half - 0.005, (arch, p.to_dict(), torch_half)
 
 
 # ------------------------------------------------------------------ default (small) cases
@@ -183,13 +168,14 @@ def test_ios18_uses_blockwise_weight_op(tmp_path, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [n for n in zoo.names() if n not in FOCUS and n != "lenet5"])
 def test_zoo_arch_fp16(arch, tmp_path):
-    """FP16 gate, or no worse than PyTorch's own FP16 where that misses the gate too (random nets)."""
+    """Every zoo arch (the focus nets and LeNet-5 are in the tests above) converts to an FP16 ML Program
+    that holds the FP16 gate on the reference executor. Random-init nets are damped (edgecnn.weights), so
+    PyTorch's own FP16 of each is within the gate too; measured once per arch, see README (Core ML)."""
     entry, model, cs, x, ref = _prepared(arch)
     infos, _ = ce.export_coreml(model, entry.spec, tmp_path, precision="fp16", labels=zoo.labels_for(entry),
                                 variants=("tensor",))
     p = apply_gate(compare(ref, CoreMLReferenceRunner(infos["tensor"].path).run(x)), "fp16", trained=False)
-    if not p.passed:
-        _no_worse_than_torch_half(arch, model, x, ref, p)
+    assert p.passed, f"{arch} fp16: {p.reason}"
 
 
 # ------------------------------------------------------------------ every focus net, every precision

@@ -93,6 +93,9 @@ CASES = {
     "expand_dims": (lambda x, v: mb.expand_dims(x=v, axes=[0]), lambda: tv[None]),
     "concat": (lambda x, v: mb.concat(values=[x, mb.mul(x=x, y=np.float32(2.0))], axis=1),
                lambda: torch.cat([tx, tx * 2], 1)),
+    # a variable list mixing a variable and a constant (the executor converts the constant once, at load)
+    "concat_same_list_with_constant": (lambda x, v: mb.concat(values=[x, np.full((1, 2, 9, 9), 0.25, np.float32)], axis=1),
+                                       lambda: torch.cat([tx, torch.full((1, 2, 9, 9), 0.25)], 1)),
     "split": (lambda x, v: mb.split(x=x, split_sizes=[1, 3], axis=1)[1], lambda: tx[:, 1:]),
     "slice_by_index": (lambda x, v: mb.slice_by_index(x=x, begin=[0, 1, 2, 0], end=[1, 4, 8, 9], stride=[1, 2, 3, 1],
                                                       end_mask=[True, False, False, True]),

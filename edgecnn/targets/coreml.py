@@ -53,12 +53,24 @@ class CoreMLTarget(Target):
             ios = coreml_exporter.resolve_ios(ctx.precision, extra.get("ios"))
         except coreml_exporter.ExportError as exc:
             raise UsageError(str(exc), hint=exc.hint) from None
-        # Hook for an INT8 sensitivity fallback: module paths (``named_modules`` names of the zoo model)
-        # left in float by the W8A8 quantizer. Nothing fills it automatically yet: a recipe-agnostic
-        # fallback (the one written for ONNX INT8) can rank layers and pass them here, re-running build.
+        # Module paths (``named_modules`` names of the zoo model) left in float by the W8A8 quantizer: given
+        # (``coreml_keep_float``), or chosen by the sensitivity fallback on calibration images for trained
+        # weights (``coreml_int8_fallback``: default on for trained weights, where the agreement gate applies).
         keep_float = tuple(extra.get("coreml_keep_float", ()))
         scheme = extra.get("coreml_int8_scheme", "affine")
         calib = None
+        fallback = None
+        if ctx.precision == "int8" and not keep_float and extra.get("coreml_int8_fallback", ctx.trained):
+            from exporters.coreml_fallback import w8a8_fallback
+            from ..validate import torch_reference
+
+            probe = ctx.calib.array("calib", limit=int(extra.get("coreml_fallback_probe", 128)))
+            ctx.say(f"W8A8 sensitivity fallback: probing {len(probe)} calibration images (held-out images unseen)")
+            fallback = w8a8_fallback(ctx.model, ctx.spec, ctx.calib.iter_batches("calib", batch_size=16), probe,
+                                     torch_reference(ctx.model, probe), min_agreement=ctx.options.int8_min_agreement,
+                                     max_float_fraction=float(extra.get("coreml_fallback_max_float", 0.5)),
+                                     scheme=scheme, say=ctx.say)
+            keep_float = tuple(fallback["keep_float"])
         if ctx.precision == "int8":
             ctx.say(f"W8A8: calibrating activation ranges on {len(ctx.calib.calib_items)} calibration images "
                     "(coremltools.optimize.torch LinearQuantizer)")
@@ -96,7 +108,8 @@ class CoreMLTarget(Target):
                     "ios": ios, "spec_version": infos["image"].spec_version,
                     "compute_precision": infos["image"].compute_precision,
                     "compute_units": os.environ.get(COMPUTE_UNITS_ENV, "ALL")},
-            recipe={**recipe, "keep_float": list(keep_float)} if ctx.precision == "int8" else recipe,
+            recipe={**recipe, "keep_float": list(keep_float), "fallback": fallback} if ctx.precision == "int8"
+            else recipe,
             extra={
                 "output": {"name": "logits", "shape": [1, len(ctx.labels)], "kind": "logits (no softmax)",
                            "image_variant_outputs": image_outputs,
