@@ -9,7 +9,8 @@ PyTorch simulation and switches fake-quantization off per unit instead:
    fake quantizers are its modules' weight quantizers and the activation quantizers fed by its modules;
 2. sensitivity = the probe SQNR gain from switching one unit's quantizers off (continuous; top-1 flips
    on a few dozen images are too coarse to rank);
-3. units are added most sensitive first until the probe top-1 agreement reaches the bar or
+3. units are added most sensitive first until the probe top-1 agreement (and, for random-init nets whose
+   agreement means nothing, the logit SQNR ``min_sqnr_db``) reaches the bar or
    ``max_float_fraction`` of the units are float; the curve (agreement vs float units) is returned.
 
 The chosen unit names go to ``quantize_w8a8(keep_float=...)`` (coremltools ``module_name_configs``
@@ -63,7 +64,7 @@ def fake_quant_units(prepared, depth: int) -> Dict[str, list]:
 
 
 def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.ndarray, *,
-                  min_agreement: float = 0.99, max_float_fraction: float = 0.5, rank_images: int = 32,
+                  min_agreement: float = 0.99, min_sqnr_db: float = -999.0, max_float_fraction: float = 0.5, rank_images: int = 32,
                   unit_depth: int = 3, scheme: str = "affine", max_images: int = 512, say=None) -> dict:
     """Search the float units; returns {"keep_float", "curve", "sensitivity", "before", "after", "seconds"}."""
     import torch
@@ -91,7 +92,10 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
     before = {"top1_agreement": _top1(reference, full), "sqnr_db": _sqnr(reference, full), "float_units": 0}
     result = {"units": len(units), "calibration_images": seen, "probe_images": len(probe), "before": before,
               "keep_float": [], "curve": [before], "sensitivity": []}
-    if before["top1_agreement"] >= min_agreement:
+    def meets(m: dict) -> bool:
+        return m["top1_agreement"] >= min_agreement and m["sqnr_db"] >= min_sqnr_db
+
+    if meets(before):
         result.update(after=before, seconds=round(time.perf_counter() - t0, 1))
         return result
     rp, rr = probe[:rank_images], reference[:rank_images]
@@ -116,7 +120,7 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
         result["curve"].append(after)
         say(f"W8A8 fallback: {len(kept)} float units -> probe top-1 {after['top1_agreement']:.1%}, "
             f"SQNR {after['sqnr_db']:.1f} dB")
-        if after["top1_agreement"] >= min_agreement:
+        if meets(after):
             break
     result.update(keep_float=kept, after=after, seconds=round(time.perf_counter() - t0, 1))
     return result

@@ -54,20 +54,24 @@ class CoreMLTarget(Target):
         except coreml_exporter.ExportError as exc:
             raise UsageError(str(exc), hint=exc.hint) from None
         # Module paths (``named_modules`` names of the zoo model) left in float by the W8A8 quantizer: given
-        # (``coreml_keep_float``), or chosen by the sensitivity fallback on calibration images for trained
-        # weights (``coreml_int8_fallback``: default on for trained weights, where the agreement gate applies).
+        # (``coreml_keep_float``), or chosen by the sensitivity fallback on calibration images
+        # (``coreml_int8_fallback``, default on), aimed at the gate the artefact will face: top-1 agreement for
+        # trained weights, logit SQNR (plus a margin) for random init — as the ONNX/TensorRT INT8 fallback.
         keep_float = tuple(extra.get("coreml_keep_float", ()))
         scheme = extra.get("coreml_int8_scheme", "affine")
         calib = None
         fallback = None
-        if ctx.precision == "int8" and not keep_float and extra.get("coreml_int8_fallback", ctx.trained):
+        if ctx.precision == "int8" and not keep_float and extra.get("coreml_int8_fallback", True):
             from exporters.coreml_fallback import w8a8_fallback
             from ..validate import torch_reference
+            from .int8 import fallback_bar
+
+            _, min_agreement, min_sqnr = fallback_bar(ctx)
 
             probe = ctx.calib.array("calib", limit=int(extra.get("coreml_fallback_probe", 128)))
             ctx.say(f"W8A8 sensitivity fallback: probing {len(probe)} calibration images (held-out images unseen)")
             fallback = w8a8_fallback(ctx.model, ctx.spec, ctx.calib.iter_batches("calib", batch_size=16), probe,
-                                     torch_reference(ctx.model, probe), min_agreement=ctx.options.int8_min_agreement,
+                                     torch_reference(ctx.model, probe), min_agreement=min_agreement, min_sqnr_db=min_sqnr,
                                      max_float_fraction=float(extra.get("coreml_fallback_max_float", 0.5)),
                                      scheme=scheme, say=ctx.say)
             keep_float = tuple(fallback["keep_float"])
