@@ -34,6 +34,24 @@ from .versions import edgecnn_version, toolchain
 log = logging.getLogger(__name__)
 
 
+def _fallback_line(recipe: dict, fb: dict) -> str:
+    """One summary line for the INT8 fallback block of either shape: the Q/DQ recipes' (``agreement_before``/
+    ``agreement_after``, ``layers_float``) or Core ML W8A8's (``before``/``after``, ``keep_float`` blocks)."""
+    before = fb.get("agreement_before") or fb.get("before") or {}
+    after = fb.get("agreement_after") or fb.get("after") or before
+    probe = (f"probe agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}"
+             if "top1_agreement" in before and "top1_agreement" in after else "probe not run")
+    if "layers_float" in fb:
+        kernels = recipe.get("kernels")   # onnxruntime's fused-kernel count (the trt recipe has none here)
+        ops = (f"{kernels['fused']} fused INT8 kernels, {kernels['float']} float ops" if kernels else
+               f"{recipe.get('quantized_layers', '?')} INT8 Conv/Gemm")
+        ranges = recipe.get("calibration_method") or recipe.get("range_method")
+        return (f"  int8     {recipe.get('recipe')} recipe, {ranges} ranges, {len(fb['layers_float'])} layer(s) "
+                f"float; {probe}; {ops}")
+    return (f"  int8     W8A8, {len(fb.get('keep_float') or [])} of {fb.get('units', '?')} block(s) float; {probe} "
+            f"(PyTorch simulation)")
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -57,14 +75,7 @@ class ExportResult:
             lines.append(size + ")")
         fb = (m.get("recipe") or {}).get("fallback")
         if fb:
-            before, after = fb["agreement_before"], fb["agreement_after"]
-            kernels = m["recipe"].get("kernels")   # onnxruntime's fused-kernel count (the trt recipe has none here)
-            ops = (f"{kernels['fused']} fused INT8 kernels, {kernels['float']} float ops" if kernels else
-                   f"{m['recipe'].get('quantized_layers', '?')} INT8 Conv/Gemm")
-            ranges = m["recipe"].get("calibration_method") or m["recipe"].get("range_method")
-            lines.append(f"  int8     {m['recipe'].get('recipe')} recipe, {ranges} ranges, "
-                         f"{len(fb['layers_float'])} layer(s) float; probe agreement {before['top1_agreement']:.1%} -> "
-                         f"{after['top1_agreement']:.1%}; {ops}")
+            lines.append(_fallback_line(m["recipe"], fb))
         w = m.get("weights", {})
         lines.append(f"  weights  {w.get('source')}" + ("" if w.get("pretrained") else "  (RANDOM INIT: accuracy not meaningful)"))
         p = m.get("parity")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 
 import numpy as np
 import pytest
@@ -106,3 +107,12 @@ def test_pretrained_lite0_agrees_with_torch_at_int8_gate(tmp_path, precision):
         p = m["parity"]
     assert p["samples"] >= 90
     assert p["top1_agreement"] >= 0.99, (precision, p)
+
+
+def test_int8_summary_reports_the_w8a8_fallback(tmp_path, capsys):
+    """The export summary reads Core ML's fallback block (before/after/keep_float), not only the Q/DQ one."""
+    rc = cli_main(["export", "lenet5", "-t", "coreml", "-p", "int8", "--weights", "none", "--out", str(tmp_path),
+                   "--calib-size", "64", "--eval-size", "24"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"int8 +W8A8, \d+ of \d+ block\(s\) float; probe agreement", out), out
