@@ -31,6 +31,15 @@ CONCURRENT_ARGS = ["--calib-size", "8", "--eval-size", "8"]  # with latency: the
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _deliverable_sigint() -> None:
+    """Child side: SIGINT back to its default, so the test's SIGINT is the user's Ctrl-C.
+
+    A suite started as a background job of a non-interactive shell (`make test &`, some CI runners) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the export never sees the signal
+    (measured: exit 0 instead of 130). That is the shell's job control, not the behaviour under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Export:
     """A CLI export in a subprocess whose stderr progress lines are read as they come."""
 
@@ -42,7 +51,7 @@ class Export:
         self.proc = subprocess.Popen([sys.executable, "-m", "edgecnn", "export", ARCH, "--out", str(out), "--calib",
                                       str(calib), *args, *(extra or [])],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=str(tmpdir))
+                                     cwd=str(tmpdir), preexec_fn=_deliverable_sigint)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
