@@ -54,3 +54,14 @@ def test_cli_calib_method_and_bad_method(tmp_path, cache, capsys):
     assert m["recipe"]["calibration_method"] == "mse" and m["calibration"]["calibration_images"] <= 48
     with pytest.raises(SystemExit):
         main(["export", "lenet5", "-p", "int8", "--calib-method", "bogus"])
+
+
+def test_a_non_numeric_target_option_is_one_clear_usage_error(tmp_path, cache):
+    """--target-option int8_min_speedup=fast (matrix) used to end as "unexpected ValueError" mid-export."""
+    from edgecnn.errors import UsageError
+
+    opts = ExportOptions(calib_size=48, eval_size=24, extra={"int8_min_speedup": "fast"})
+    with pytest.raises(UsageError, match=r"int8_min_speedup='fast' is not a number") as err:
+        pipeline.export("lenet5", "onnx", "int8", "none", None, tmp_path, options=opts, quiet=True)
+    assert "--target-option int8_min_speedup=" in err.value.hint
+    assert not any(p.name.startswith(".staging") for p in (tmp_path / "lenet5").iterdir())

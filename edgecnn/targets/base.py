@@ -24,6 +24,18 @@ class ExportOptions:
     int8_min_agreement: float = 0.99
     extra: Dict[str, Any] = field(default_factory=dict)  # target-specific options (e.g. ios=17, trt_version)
 
+    def number(self, key: str, default: float, kind: type = float):
+        """A numeric target option (``--target-option KEY=VALUE``) as ``kind``, or one clear usage error
+        naming the option (a typo'd value would otherwise surface as an "unexpected ValueError" mid-export)."""
+        value = self.extra.get(key, default)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            from ..errors import UsageError
+
+            raise UsageError(f"target option {key}={value!r} is not a {'whole ' if kind is int else ''}number",
+                             hint=f"e.g. --target-option {key}={default}") from None
+
 
 @dataclass
 class BuildContext:

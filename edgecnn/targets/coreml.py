@@ -68,11 +68,11 @@ class CoreMLTarget(Target):
 
             _, min_agreement, min_sqnr = fallback_bar(ctx)
 
-            probe = ctx.calib.array("calib", limit=int(extra.get("coreml_fallback_probe", 128)))
+            probe = ctx.calib.array("calib", limit=ctx.options.number("coreml_fallback_probe", 128, int))
             ctx.say(f"W8A8 sensitivity fallback: probing {len(probe)} calibration images (held-out images unseen)")
             fallback = w8a8_fallback(ctx.model, ctx.spec, ctx.calib.iter_batches("calib", batch_size=16), probe,
                                      torch_reference(ctx.model, probe), min_agreement=min_agreement, min_sqnr_db=min_sqnr,
-                                     max_float_fraction=float(extra.get("coreml_fallback_max_float", 0.5)),
+                                     max_float_fraction=ctx.options.number("coreml_fallback_max_float", 0.5),
                                      scheme=scheme, say=ctx.say)
             keep_float = tuple(fallback["keep_float"])
         if ctx.precision == "int8":

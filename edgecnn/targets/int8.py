@@ -49,15 +49,15 @@ def fallback_options(ctx: BuildContext) -> dict:
     on, min_agreement, min_sqnr = fallback_bar(ctx)
     x = ctx.options.extra
     return dict(min_agreement=min_agreement, min_sqnr_db=min_sqnr,
-                max_float_fraction=float(x.get("int8_max_float_fraction", 0.34)), run_sensitivity=on,
-                max_seconds=float(x.get("int8_sensitivity_seconds", 240.0)), rank_images=RANK_IMAGES,
-                agreement_phase=bool(x.get("int8_agreement_phase", True)), batch=int(x.get("int8_fallback_batch", 4)),
+                max_float_fraction=ctx.options.number("int8_max_float_fraction", 0.34), run_sensitivity=on,
+                max_seconds=ctx.options.number("int8_sensitivity_seconds", 240.0), rank_images=RANK_IMAGES,
+                agreement_phase=bool(x.get("int8_agreement_phase", True)), batch=ctx.options.number("int8_fallback_batch", 4, int),
                 say=ctx.say)
 
 
 def probe_images(ctx: BuildContext) -> np.ndarray:
     """The fallback's probe: the first images of the calibration split (never the held-out split)."""
-    return ctx.calib.array("calib", limit=int(ctx.options.extra.get("int8_probe_images", PROBE_IMAGES)))
+    return ctx.calib.array("calib", limit=ctx.options.number("int8_probe_images", PROBE_IMAGES, int))
 
 
 def fallback_block(ctx: BuildContext, result, probe: np.ndarray) -> dict:
@@ -66,8 +66,8 @@ def fallback_block(ctx: BuildContext, result, probe: np.ndarray) -> dict:
     return {**result.to_dict(), "enabled": on, "min_agreement": min_agreement,
             "probe": f"{len(probe)} images of the calibration split (the held-out split stays unseen); "
                      f"sensitivity ranked on the first {min(len(probe), RANK_IMAGES)}",
-            "max_float_fraction": float(ctx.options.extra.get("int8_max_float_fraction", 0.34)),
-            "min_speedup": float(ctx.options.extra.get("int8_min_speedup", MIN_SPEEDUP)) if ctx.options.latency else None,
+            "max_float_fraction": ctx.options.number("int8_max_float_fraction", 0.34),
+            "min_speedup": ctx.options.number("int8_min_speedup", MIN_SPEEDUP) if ctx.options.latency else None,
             "min_sqnr_db": None if ctx.trained else min_sqnr,
             "note": None if ctx.trained else "random-init weights: agreement is not meaningful; the fallback "
                                              "aims at the SQNR gate instead"}
@@ -147,7 +147,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
             os.remove(variant)
 
     speed_opts = {}
-    floor = float(ctx.options.extra.get("int8_min_speedup", MIN_SPEEDUP))
+    floor = ctx.options.number("int8_min_speedup", MIN_SPEEDUP)
     if ctx.options.latency and floor > 0:
         speed_opts = {"speedup": quick_speedup(fp32_path, ctx.spec.shape, threads=ctx.options.threads),
                       "min_speedup": floor}
