@@ -27,15 +27,13 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .coreml import prepare_w8a8
+from .quant_fallback import compare
 
 
-def _sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(((out.astype(np.float64) - ref) ** 2).sum())
-    return float("inf") if noise == 0 else float(10 * np.log10(float((ref.astype(np.float64) ** 2).sum()) / noise))
-
-
-def _top1(ref: np.ndarray, out: np.ndarray) -> float:
-    return float((ref.argmax(1) == out.argmax(1)).mean())
+def _score(reference: np.ndarray, out: np.ndarray, **extra) -> dict:
+    """Top-1 agreement and logit SQNR, as the Q/DQ fallback measures them (finite, JSON-safe)."""
+    m = compare(out, reference)
+    return {"top1_agreement": m.top1_agreement, "sqnr_db": m.sqnr_db, **extra}
 
 
 def _unit(name: str, depth: int) -> str:
@@ -89,7 +87,7 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
 
     probe, reference = np.asarray(probe, np.float32), np.asarray(reference, np.float32)
     full = run(probe)
-    before = {"top1_agreement": _top1(reference, full), "sqnr_db": _sqnr(reference, full), "float_units": 0}
+    before = _score(reference, full, float_units=0)
     result = {"units": len(units), "calibration_images": seen, "probe_images": len(probe), "before": before,
               "keep_float": [], "curve": [before], "sensitivity": []}
     def meets(m: dict) -> bool:
@@ -99,11 +97,11 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
         result.update(after=before, seconds=round(time.perf_counter() - t0, 1))
         return result
     rp, rr = probe[:rank_images], reference[:rank_images]
-    base = _sqnr(rr, run(rp))
+    base = _score(rr, run(rp))["sqnr_db"]
     gains = []
     for n in units:
         switch([n], False)
-        gains.append((_sqnr(rr, run(rp)) - base, n))
+        gains.append((_score(rr, run(rp))["sqnr_db"] - base, n))
         switch([n], True)
     gains.sort(reverse=True)
     result["sensitivity"] = [{"unit": n, "sqnr_gain_db": round(g, 3)} for g, n in gains]
@@ -115,8 +113,7 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
         kept.append(n)
         switch([n], False)
         out = run(probe)
-        after = {"top1_agreement": _top1(reference, out), "sqnr_db": _sqnr(reference, out), "float_units": len(kept),
-                 "added": n}
+        after = _score(reference, out, float_units=len(kept), added=n)
         result["curve"].append(after)
         say(f"W8A8 fallback: {len(kept)} float units -> probe top-1 {after['top1_agreement']:.1%}, "
             f"SQNR {after['sqnr_db']:.1f} dB")
