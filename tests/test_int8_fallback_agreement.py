@@ -62,12 +62,18 @@ def _check_agreement_phase(res, base, before_bar, out_path, fp32, x):
     return extra
 
 
-def test_ort_recipe_agreement_phase_continues_past_the_sqnr_phase(squeeze):
-    d, fp32, x, ref = squeeze
-    prep = d / "prep.onnx"
+def _prepared(squeeze, name: str):
+    """The ort recipe's prepared graph, its minmax ranges and default exclusions for the squeeze fixture."""
+    d, fp32, x, _ = squeeze
+    prep = d / name
     quant_ort.prepare(fp32, prep)
     ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
-    base = quant_ort.default_exclusions(prep)
+    return prep, ranges, quant_ort.default_exclusions(prep)
+
+
+def test_ort_recipe_agreement_phase_continues_past_the_sqnr_phase(squeeze):
+    d, fp32, x, ref = squeeze
+    prep, ranges, base = _prepared(squeeze, "prep.onnx")
     out = d / "ort.onnx"
     res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(out), ranges, x, reference=ref,
                                   candidates=quant_ort.quantizable_nodes(prep), base_exclude=base,
@@ -124,10 +130,7 @@ def test_fallback_stops_at_the_speed_floor(squeeze, tmp_path):
     take the model below ``min_speedup`` is not kept and the search stops. The speed model here is the
     share of tensors still quantized (deterministic, so the test checks the loop, not the busy box)."""
     d, fp32, x, ref = squeeze
-    prep = d / "prep-s.onnx"
-    quant_ort.prepare(fp32, prep)
-    ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
-    base = quant_ort.default_exclusions(prep)
+    prep, ranges, base = _prepared(squeeze, "prep-s.onnx")
     full = tmp_path / "full.onnx"
     quant_ort.quantize(prep, full, ranges, list(base))
     n_q = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(full)).graph.node)
