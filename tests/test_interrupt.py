@@ -237,8 +237,14 @@ def test_concurrent_export_gives_up_clearly(env, tmp_path):
     tmp_a.mkdir(), tmp_b.mkdir()
     a = Export(out, env["calib"], env["cache"], tmp_a)
     a.wait_for("exporting ONNX")
-    rc, stdout, err = run_main(["export", ARCH, "--out", str(out), "--calib", str(env["calib"]), "-q",
-                                "--lock-timeout", "1", *EXPORT_ARGS])
+    # A holds the lock from here; stopped, it cannot finish (and release it) before B asks for it — on a
+    # quiet machine it used to, since B's own preparation takes a few seconds
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        rc, stdout, err = run_main(["export", ARCH, "--out", str(out), "--calib", str(env["calib"]), "-q",
+                                    "--lock-timeout", "1", *EXPORT_ARGS])
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
     assert rc == 4, err
     assert error_lines(err)[0].startswith(f"error: {out.joinpath(*BUNDLE)} is being written by another export "
                                           f"(pid {a.proc.pid})")
