@@ -57,12 +57,7 @@ def main(argv=None) -> int:
         quant_ort.bias_correction(unc, prep, means, skip=base)
         ranges = compute_ranges(prep, lambda: cs.iter_batches("calib", batch_size=16), args.method, cache_dir=False)
 
-        def recipe(src, dst, r, exclude):
-            extra = [n for n in exclude if n not in base]
-            if not extra:
-                return quant_ort.quantize(src, dst, r, exclude)
-            quant_ort.restore_biases(src, unc, extra, w / "variant.onnx")
-            return quant_ort.quantize(w / "variant.onnx", dst, r, exclude)
+        recipe = quant_ort.quantize_with_biases_restored(unc, base, w)
 
         probe = cs.array("calib", limit=48)
         t0 = time.perf_counter()

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -180,6 +180,18 @@ class CalibrationSet:
         if not items or any(it.label is None for it in items):
             return None
         return np.asarray([it.label for it in items], dtype=np.int64)
+
+    def split_calibration(self, probe_fraction: float = 0.5, max_probe: Optional[int] = None,
+                          seed: Optional[int] = None) -> Tuple["CalibrationSet", "CalibrationSet"]:
+        """(fit, probe): the calibration split divided again by group, for a search that needs its own
+        unseen images — the INT8 fallback fits ranges on ``fit`` and measures on ``probe``, so the probe reads
+        what held-out images will see (ranges fitted on the very images they are scored on read
+        optimistic: measured on random-init MobileNetV3-small, 18.7 dB on calibration images, 8.3 dB on
+        held-out ones). Both keep this set's evaluation split; ``probe`` has at most ``max_probe`` items.
+        ``probe`` is empty when the calibration split has a single item."""
+        fit, probe = split_items(self.calib_items, calib_size=0, eval_size=max_probe or 0,
+                                 eval_fraction=probe_fraction, seed=self.seed if seed is None else seed)
+        return replace(self, calib_items=list(fit)), replace(self, calib_items=list(probe))
 
     def _items(self, split: str) -> List[Item]:
         if split == "calib":

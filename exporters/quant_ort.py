@@ -284,6 +284,26 @@ def restore_biases(corrected: Union[str, os.PathLike], original: Union[str, os.P
     return count
 
 
+def quantize_with_biases_restored(uncorrected: Union[str, os.PathLike], base: Iterable[str],
+                                  work: Union[str, os.PathLike]):
+    """``quantize`` as the fallback calls it, ``(src, dst, ranges, exclude)``, for a bias-corrected ``src``:
+    the layers excluded beyond ``base`` get their uncorrected biases back from ``uncorrected`` first."""
+    base = set(base)
+
+    def run(src, dst, ranges, exclude):
+        extra = [n for n in exclude if n not in base]
+        if not extra:
+            return quantize(src, dst, ranges, exclude)
+        variant = os.path.join(os.fspath(work), ".prepared-variant.onnx")
+        restore_biases(src, uncorrected, extra, variant)
+        try:
+            return quantize(variant, dst, ranges, exclude)
+        finally:
+            os.remove(variant)
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------ quantization
 def default_exclusions(model_path: Union[str, os.PathLike], op_types: Sequence[str] = OP_TYPES) -> Dict[str, str]:
     """Nodes the ort recipe keeps float by default, with the reason (for the manifest).

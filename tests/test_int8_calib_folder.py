@@ -76,3 +76,19 @@ def test_split_by_file_never_overlaps(field_folder):
     calib_groups = {i.group for i in cs.calib_items}
     eval_groups = {i.group for i in cs.eval_items}
     assert calib_groups and eval_groups and not calib_groups & eval_groups
+
+
+def test_split_calibration_gives_the_fallback_a_probe_of_unseen_groups():
+    """The INT8 fallback fits its search ranges on ``fit`` and measures on ``probe``: whole photos apart."""
+    cs = CalibrationSet.create(None, SPEC, calib_size=0, eval_size=0, cache=False)
+    fit, probe = cs.split_calibration(0.5, max_probe=40)
+    fit_groups, probe_groups = {i.group for i in fit.calib_items}, {i.group for i in probe.calib_items}
+    assert fit_groups and probe_groups and not fit_groups & probe_groups
+    assert fit_groups | probe_groups == {i.group for i in cs.calib_items}
+    assert len(probe.calib_items) == 40 and len(fit.calib_items) + len(probe.calib_items) <= len(cs.calib_items)
+    assert fit.eval_items == cs.eval_items == probe.eval_items          # the held-out split is untouched
+    assert fit.fingerprint() != cs.fingerprint()                        # so its ranges are cached apart
+    again = cs.split_calibration(0.5, max_probe=40)
+    assert [i.id for i in again[1].calib_items] == [i.id for i in probe.calib_items]   # deterministic
+    one = CalibrationSet(spec=SPEC, source="x", calib_items=cs.calib_items[:1], eval_items=[])
+    assert one.split_calibration(0.5)[1].calib_items == []             # nothing to divide: no probe

@@ -29,6 +29,7 @@ def test_lenet5_int8_export_records_the_recipe(tmp_path, cache, monkeypatch):
     fb = r["fallback"]
     assert fb["agreement_before"]["samples"] > 0 and "layers_float" in fb
     assert "calibration split" in fb["probe"]
+    assert fb["probe_split"] is True and "not fitted on" in fb["probe"]   # the search probes unseen images
     # ranges came from the calibration split only (the held-out images are never calibrated on)
     assert r["ranges"]["images"] == m["calibration"]["calibration_images"] - len(m["calibration"]["skipped"])
     assert m["int8"]["speedup_vs_fp32"] > 0 and m["int8"]["int8_bytes"] < m["int8"]["fp32_bytes"]

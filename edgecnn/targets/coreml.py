@@ -64,16 +64,21 @@ class CoreMLTarget(Target):
         if ctx.precision == "int8" and not keep_float and extra.get("coreml_int8_fallback", True):
             from exporters.coreml_fallback import w8a8_fallback
             from ..validate import torch_reference
-            from .int8 import fallback_bar
+            from .int8 import fallback_bar, search_data
 
             _, min_agreement, min_sqnr = fallback_bar(ctx)
-
-            probe = ctx.calib.array("calib", limit=ctx.options.number("coreml_fallback_probe", 128, int))
-            ctx.say(f"W8A8 sensitivity fallback: probing {len(probe)} calibration images (held-out images unseen)")
-            fallback = w8a8_fallback(ctx.model, ctx.spec, ctx.calib.iter_batches("calib", batch_size=16), probe,
-                                     torch_reference(ctx.model, probe), min_agreement=min_agreement, min_sqnr_db=min_sqnr,
+            # the search calibrates on some calibration groups and probes the others (its probe then sees
+            # range clipping as new images do); the artefact below calibrates on the whole split
+            data = search_data(ctx, max_probe=ctx.options.number("coreml_fallback_probe", 128, int))
+            ctx.say(f"W8A8 sensitivity fallback: probing {len(data.probe)} calibration images "
+                    f"({'of photos the search did not calibrate on; ' if data.split else ''}held-out images unseen)")
+            fallback = w8a8_fallback(ctx.model, ctx.spec, data.fit.iter_batches("calib", batch_size=16), data.probe,
+                                     torch_reference(ctx.model, data.probe), min_agreement=min_agreement,
+                                     min_sqnr_db=min_sqnr,
                                      max_float_fraction=ctx.options.number("coreml_fallback_max_float", 0.5),
                                      scheme=scheme, say=ctx.say)
+            fallback["probe"] = data.describe(rank_images=32)
+            fallback["probe_split"] = data.split
             keep_float = tuple(fallback["keep_float"])
         if ctx.precision == "int8":
             ctx.say(f"W8A8: calibrating activation ranges on {len(ctx.calib.calib_items)} calibration images "

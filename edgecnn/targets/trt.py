@@ -100,7 +100,8 @@ class TrtTarget(Target):
         meta = {p.key: p.value for p in onnx.load(str(int8), load_external_data=False).metadata_props}
         info, block = trt_fallback(ctx, staging / trt_exporter.MODEL_FP32, int8, written["ranges"],
                                    nodes_to_exclude=tuple(ctx.options.extra.get("nodes_to_exclude", ())),
-                                   metadata=meta, max_opset=trt_exporter.OPSET)
+                                   metadata=meta, max_opset=trt_exporter.OPSET,
+                                   range_method=ctx.options.extra.get("range_method", "minmax"))
         for key in ("quantized_layers", "float_layers", "residual_adds_skip_quantized", "qdq_pairs", "fixes", "checker"):
             written["recipe"][key] = info[key]
         written["recipe"]["fallback"] = {**block, "calibration_cache": "unchanged: implicit-INT8/DLA builds do not "
