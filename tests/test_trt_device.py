@@ -238,6 +238,24 @@ def test_preprocessing_and_gates_equal_edgecnn():
                 assert (a["gate"], a["passed"], a["reason"]) == (b.gate, b.passed, b.reason)
 
 
+def test_one_loud_image_is_named_in_the_int8_reason_on_both_sides():
+    """Pooled SQNR is decided by the images with the largest logits; the reason then says so (median per image)."""
+    from edgecnn.validate import metrics
+
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((20, 10))
+    out = ref + 0.01 * rng.standard_normal(ref.shape)          # 40 dB on every image...
+    ref[0] *= 30.0
+    out[0] = ref[0] + 30.0 * rng.standard_normal(10)           # ...but one loud image at ~0 dB
+    ours = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=False)
+    assert ours.sqnr_db < 10 < ours.median_image_sqnr_db and not ours.passed
+    assert "median per image" in ours.reason
+    theirs = td.gate(td.compare(ref, out), "int8", False)
+    assert theirs["reason"] == ours.reason
+    quiet = metrics.apply_gate(metrics.compare(ref, ref + 0.5 * rng.standard_normal(ref.shape)), "int8", trained=False)
+    assert "median per image" not in quiet.reason
+
+
 # ---------------------------------------------------------------------------------------------- real TensorRT
 def _tensorrt_or_skip():
     trt, why = td.import_tensorrt()
