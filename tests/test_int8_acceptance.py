@@ -36,8 +36,8 @@ def test_efficientnet_lite0_int8_on_held_out_photos(tmp_path, monkeypatch):
     print({k: p[k] for k in ("top1_agreement", "ref_top1_in_top5", "cosine", "sqnr_db", "samples")},
           m["int8"].get("speedup_vs_fp32"), r["fallback"]["layers_float"], r["fallback"]["agreement_before"],
           r["fallback"]["agreement_after"])
-    # what this recipe reliably achieves (measured with the float-layer fallback: agreement 84-90%, in-top-5
-    # 100%, cosine 0.996-0.998)
+    # what this recipe reliably achieves (measured with the float-layer fallback: agreement 89-93%, in-top-5
+    # 100%, cosine 0.998-0.999; with mse ranges and the probe of unseen calibration photos: 92.7%, 5 float)
     assert p["ref_top1_in_top5"] >= 0.99, p
     assert p["cosine"] >= 0.995, p
     # the fallback's float layers cost speed; its floor (1.1x on a quick timing) keeps INT8 faster than FP32
