@@ -94,11 +94,16 @@ def search_data(ctx: BuildContext, max_probe: Optional[int] = None, split: bool 
     from ..errors import InputError
 
     limit = max_probe or ctx.options.number("int8_probe_images", PROBE_IMAGES, int)
-    try:
-        if split and ctx.options.extra.get("int8_probe_split", True):
-            fit, probe_set = ctx.calib.split_calibration(PROBE_FRACTION, max_probe=limit)
-            if probe_set.calib_items and fit.calib_items:
+    if split and ctx.options.extra.get("int8_probe_split", True):
+        fit, probe_set = ctx.calib.split_calibration(PROBE_FRACTION, max_probe=limit)
+        # both halves need a readable image; a folder whose unreadable files (skipped, counted) all fell on
+        # one side gets the undivided probe instead of a failed export
+        if probe_set.calib_items and next(fit.iter_batches("calib", batch_size=1), None) is not None:
+            try:
                 return SearchData(fit, probe_set.array("calib"), True)
+            except CalibrationError:
+                pass
+    try:
         return SearchData(ctx.calib, ctx.calib.array("calib", limit=limit), False)
     except CalibrationError as exc:
         raise InputError(str(exc), hint=exc.hint) from None
