@@ -184,11 +184,12 @@ class CalibrationSet:
     def split_calibration(self, probe_fraction: float = 0.5, max_probe: Optional[int] = None,
                           seed: Optional[int] = None) -> Tuple["CalibrationSet", "CalibrationSet"]:
         """(fit, probe): the calibration split divided again by group, for a search that needs its own
-        unseen images — the INT8 fallback fits ranges on ``fit`` and measures on ``probe``, so the probe reads
-        what held-out images will see (ranges fitted on the very images they are scored on read
-        optimistic: measured on random-init MobileNetV3-small, 18.7 dB on calibration images, 8.3 dB on
-        held-out ones). Both keep this set's evaluation split; ``probe`` has at most ``max_probe`` items.
-        ``probe`` is empty when the calibration split has a single item."""
+        unseen images — the INT8 fallback fits ranges on ``fit`` and measures on ``probe``, so its probe is
+        scored as held-out images will be, on photos the ranges were not fitted on (measured on pretrained
+        EfficientNet-Lite0: all-INT8 probe agreement 93.8% on 128 fitted images, 96.25% on 80 unseen ones —
+        the unseen photos happen to have larger FP32 margins; what matters is that no probe image shaped the
+        ranges). Both keep this set's evaluation split; ``probe`` has at most ``max_probe`` items; ``probe``
+        is empty when the calibration split has a single item."""
         fit, probe = split_items(self.calib_items, calib_size=0, eval_size=max_probe or 0,
                                  eval_fraction=probe_fraction, seed=self.seed if seed is None else seed)
         return replace(self, calib_items=list(fit)), replace(self, calib_items=list(probe))
