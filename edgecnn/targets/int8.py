@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -194,7 +194,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         raise InputError(str(exc), hint=exc.hint) from None
     if ranges.cache_hit:
         ctx.say(f"ranges read from the cache ({ranges.key[:12]})")
-    fallback_on, min_agreement, min_sqnr = fallback_bar(ctx)
+    fallback_on = fallback_bar(ctx)[0]
     data = search_data(ctx, split=fallback_on)
     searched = search_ranges(ctx, data, ranges, method, lambda fit: compute_ranges(
         prepared, lambda: fit.iter_batches("calib", batch_size=16), method, fingerprint=fit.fingerprint()))
