@@ -1,6 +1,6 @@
 """INT8 (ort recipe) vs FP32 on onnxruntime CPU, measured side by side in one run.
 
-For each focus net: export FP32 ONNX, prepare + bias correction + calibrate (minmax, calibration split of the
+For each focus net: export FP32 ONNX, prepare + weight rounding (GPTQ) + bias correction + calibrate (minmax, calibration split of the
 bundled sample photos) + quantize with the ort recipe's defaults (no fallback search: that is the pipeline's
 job), then
 time FP32 and INT8 alternately at batch 1 with 1 and 2 threads, and score INT8 against FP32 on the held-out
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     from calibration.ranges import channel_means, compute_ranges
     from edgecnn import weights, zoo
     from edgecnn.targets.int8 import side_by_side_latency
-    from exporters import quant_fallback, quant_ort
+    from exporters import quant_fallback, quant_ort, weight_rounding
     from exporters.onnx import export_onnx
 
     entry = zoo.resolve(arch)
@@ -43,8 +44,11 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     t0 = time.perf_counter()
     quant_ort.prepare(fp32, prep)
     base = quant_ort.default_exclusions(prep)
+    original = work / f"{arch}.prep-original.onnx"
+    shutil.copyfile(prep, original)
+    weight_rounding.round_weights(prep, prep, lambda: cs.iter_batches("calib", batch_size=16), skip=base)
     means = channel_means(prep, cs.iter_batches("calib", batch_size=16), quant_ort.bias_correction_inputs(prep))
-    quant_ort.bias_correction(prep, prep, means, skip=base)
+    quant_ort.bias_correction(prep, prep, means, skip=base, original=original)
     ranges = compute_ranges(prep, lambda: cs.iter_batches("calib", batch_size=16), "minmax", cache_dir=False)
     quant_ort.quantize(prep, int8, ranges, base)
     calib_s = time.perf_counter() - t0

@@ -308,12 +308,13 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def channel_means(model_path: Union[str, os.PathLike], batches: Iterable[np.ndarray], tensors: Sequence[str], *,
-                  max_images: int = 128) -> Dict[str, np.ndarray]:
-    """Per-channel mean (over images and H×W) of each named NCHW tensor of ``model_path``, from a float run.
+def iter_tensors(model_path: Union[str, os.PathLike], batches: Iterable[np.ndarray], tensors: Sequence[str], *,
+                 max_images: int = 128) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+    """``(images, {tensor: value})`` per batch: the named intermediate tensors of ``model_path`` from a float
+    run over at most ``max_images`` images, one batch at a time (memory stays at one batch's tensors).
 
-    What bias correction needs: the expected input of a layer, to cancel the mean output shift that its
-    quantized weights cause. The model with the extra outputs lives in a temporary folder.
+    The model with the extra outputs lives in a temporary folder; statistics built on it (channel means for
+    bias correction, input second moments for weight rounding) accumulate over the batches themselves.
     """
     import onnx
     import onnxruntime as ort
@@ -323,11 +324,11 @@ def channel_means(model_path: Union[str, os.PathLike], batches: Iterable[np.ndar
     for t in tensors:
         if t not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    sums: Dict[str, np.ndarray] = {}
     seen = 0
-    with tempfile.TemporaryDirectory(prefix="edgecnn-means-") as tmp:
-        path = os.path.join(tmp, "means.onnx")
+    with tempfile.TemporaryDirectory(prefix="edgecnn-tensors-") as tmp:
+        path = os.path.join(tmp, "tensors.onnx")
         onnx.save(model, path)
+        del model
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = 1
@@ -335,15 +336,28 @@ def channel_means(model_path: Union[str, os.PathLike], batches: Iterable[np.ndar
         name = sess.get_inputs()[0].name
         wanted = [o.name for o in sess.get_outputs() if o.name in set(tensors)]
         for b in batches:
-            b = np.asarray(b, dtype=np.float32)
             if seen >= max_images:
                 break
-            b = b[: max_images - seen]
-            for t, v in zip(wanted, sess.run(wanted, {name: b})):
-                v = np.asarray(v, dtype=np.float64)
-                axes = (0,) + tuple(range(2, v.ndim))
-                sums[t] = sums.get(t, 0.0) + v.mean(axis=axes) * len(b)
+            b = np.asarray(b, dtype=np.float32)[: max_images - seen]
+            yield len(b), dict(zip(wanted, sess.run(wanted, {name: b})))
             seen += len(b)
     if seen == 0:
-        raise CalibrationError("no calibration images to compute channel means from")
+        raise CalibrationError("no calibration images to compute tensor statistics from")
+
+
+def channel_means(model_path: Union[str, os.PathLike], batches: Iterable[np.ndarray], tensors: Sequence[str], *,
+                  max_images: int = 128) -> Dict[str, np.ndarray]:
+    """Per-channel mean (over images and H×W) of each named NCHW tensor of ``model_path``, from a float run.
+
+    What bias correction needs: the expected input of a layer, to cancel the mean output shift that its
+    quantized weights cause.
+    """
+    sums: Dict[str, np.ndarray] = {}
+    seen = 0
+    for n, values in iter_tensors(model_path, batches, tensors, max_images=max_images):
+        for t, v in values.items():
+            v = np.asarray(v, dtype=np.float64)
+            axes = (0,) + tuple(range(2, v.ndim))
+            sums[t] = sums.get(t, 0.0) + v.mean(axis=axes) * n
+        seen += n
     return {t: (s / seen).astype(np.float32) for t, s in sums.items()}

@@ -83,14 +83,13 @@ def _check_fmnist(m: dict) -> None:
 
 
 # In every CI run (~45 s with the trained nets cached; training them once costs ~4 min of CPU).
-# mobilenet_v2 is a known miss, kept visible as a strict xfail rather than hidden: measured 98.75%
-# top-1 agreement (5 flips of 400 held-out test images), accuracy within 0.5 pt. Its 128-image calibration
-# probe already agrees 100%, so the fallback keeps nothing float; with the whole 500-image calibration split
-# as probe (98.0% there) it kept 4 layers float (probe 99.2%) or, aiming at 99.6%, 11 (probe 99.4%, SQNR
-# 31.4 -> 35.3 dB) and the held-out agreement stayed 98.75% both times (mse ranges: 98.5%).
-@pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="measured 98.75% agreement < 99% (5/400 flips)"))
-    if a == "mobilenet_v2" else a for a in FMNIST_DEFAULT])
+# mobilenet_v2 was the known miss (98.75%, 5 flips of 400) until the error-compensated weight rounding
+# (exporters/weight_rounding.py): measured 99.5% with 11 layers float, accuracy +0.25 pt. The rounding alone
+# does not do it (98.0% without the fallback, nearest rounding 98.75%): with it the fallback's probe of
+# unseen calibration images reads 98.4% instead of 100%, so the search runs and finds the layers to keep float.
+# On a larger sample it is still short: 98.93% on 1,500 held-out test images (15 layers float, ranked layers
+# exhausted; it was 98.8% before), so this case passes at 400 images, not the bar in general.
+@pytest.mark.parametrize("arch", FMNIST_DEFAULT)
 def test_fmnist_int8_agreement_and_accuracy(arch, tmp_path, monkeypatch):
     _check_fmnist(_fmnist_int8(arch, tmp_path, monkeypatch))
 

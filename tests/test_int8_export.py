@@ -29,6 +29,8 @@ def test_lenet5_int8_export_records_the_recipe(tmp_path, cache, monkeypatch):
     fb = r["fallback"]
     assert fb["agreement_before"]["samples"] > 0 and "layers_float" in fb
     assert "calibration split" in fb["probe"]
+    rounding = r["weight_rounding"]   # error-compensated rounding ran on the calibration split's layer inputs
+    assert rounding["method"] == "gptq" and rounding["layers"] >= 2 and 0 < rounding["images"] <= 64, rounding
     assert fb["probe_split"] is True and "not fitted on" in fb["probe"]   # the search probes unseen images
     # ranges came from the calibration split only (the held-out images are never calibrated on)
     assert r["ranges"]["images"] == m["calibration"]["calibration_images"] - len(m["calibration"]["skipped"])
@@ -66,3 +68,12 @@ def test_a_non_numeric_target_option_is_one_clear_usage_error(tmp_path, cache):
         pipeline.export("lenet5", "onnx", "int8", "none", None, tmp_path, options=opts, quiet=True)
     assert "--target-option int8_min_speedup=" in err.value.hint
     assert not any(p.name.startswith(".staging") for p in (tmp_path / "lenet5").iterdir())
+
+
+def test_an_unknown_weight_rounding_is_one_clear_usage_error(tmp_path, cache):
+    from edgecnn.errors import UsageError
+
+    opts = ExportOptions(calib_size=48, eval_size=24, latency=False, extra={"weight_rounding": "stochastic"})
+    with pytest.raises(UsageError, match="unknown weight rounding 'stochastic'") as err:
+        pipeline.export("lenet5", "onnx", "int8", "none", None, tmp_path, options=opts, quiet=True)
+    assert "gptq" in err.value.hint and "nearest" in err.value.hint

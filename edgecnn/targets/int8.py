@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from calibration.ranges import DEFAULT_METHOD, METHODS, channel_means, compute_ranges
-from exporters import quant_fallback
+from exporters import quant_fallback, weight_rounding
 
 from ..errors import UsageError
 from ..validate.metrics import INT8_RANDOM_MIN_SQNR_DB
@@ -31,6 +32,7 @@ RANK_IMAGES = 48     # the per-layer sensitivity ranking (one quantize + run per
 RANDOM_SQNR_MARGIN_DB = 2.0   # probe images are not the held-out ones: aim a little above the gate
 MIN_SPEEDUP = 1.1    # float layers may not take INT8 below this speed-up over FP32 (quick timing: keep a margin)
 AGREEMENT_MARGIN = 0.5  # trained weights: aim the probe at gate + this share of (1 - gate)
+WEIGHT_ROUNDING = ("gptq", "nearest")
 PROBE_FRACTION = 0.5  # of the calibration groups, held out from the search's range fitting as its probe
 
 
@@ -38,6 +40,14 @@ def calib_method(ctx: BuildContext) -> str:
     method = str(ctx.options.extra.get("calib_method") or DEFAULT_METHOD).lower()
     if method not in METHODS:
         raise UsageError(f"unknown calibration method {method!r}", hint="use one of: " + ", ".join(METHODS))
+    return method
+
+
+def weight_rounding_method(ctx: BuildContext) -> str:
+    """``gptq`` (default: error-compensated rounding, ``exporters.weight_rounding``) or ``nearest``."""
+    method = str(ctx.options.extra.get("weight_rounding") or "gptq").lower()
+    if method not in WEIGHT_ROUNDING:
+        raise UsageError(f"unknown weight rounding {method!r}", hint="use one of: " + ", ".join(WEIGHT_ROUNDING))
     return method
 
 
@@ -140,7 +150,7 @@ def trt_fallback(ctx: BuildContext, fp32_path: Path, int8_path: Path, ranges, *,
     (recipe info of the final model, manifest fallback block)."""
     import onnx
 
-    from exporters import quant_trt
+    from exporters import quant_ort, quant_trt
 
     model = onnx.load(os.fspath(fp32_path))
     base = quant_trt.default_float_layers(model)
@@ -154,12 +164,21 @@ def trt_fallback(ctx: BuildContext, fp32_path: Path, int8_path: Path, ranges, *,
     data = search_data(ctx, split=fallback_bar(ctx)[0])
     searched = search_ranges(ctx, data, ranges, range_method, lambda fit: quant_trt.calibrate_ranges(
         fp32_path, fit.iter_batches("calib", batch_size=8), method=range_method)[0])
-    result = quant_fallback.fallback(run_recipe, os.fspath(fp32_path), os.fspath(int8_path), searched, data.probe,
-                                     candidates=candidates, base_exclude=base, **fallback_options(ctx))
-    if searched is not ranges:  # the artefact: the chosen float layers, ranges of the whole calibration split
-        result.info = run_recipe(os.fspath(fp32_path), os.fspath(int8_path), ranges, list(result.excluded))
+    with tempfile.TemporaryDirectory(prefix="edgecnn-trt-round-") as tmp:
+        source, rounding = Path(fp32_path), None
+        if weight_rounding_method(ctx) == "gptq":  # the recipe quantizes a copy with grid-chosen weights
+            source = Path(tmp) / "model.rounded.onnx"
+            rounding = weight_rounding.round_weights(
+                fp32_path, source, lambda: ctx.calib.iter_batches("calib", batch_size=16), skip=base, say=ctx.say)
+            run_recipe = quant_ort.quantize_with_biases_restored(fp32_path, base, tmp, quantize_fn=run_recipe)
+        result = quant_fallback.fallback(run_recipe, os.fspath(source), os.fspath(int8_path), searched, data.probe,
+                                         reference=quant_fallback.run_onnx(os.fspath(fp32_path), data.probe),
+                                         candidates=candidates, base_exclude=base, **fallback_options(ctx))
+        if searched is not ranges:  # the artefact: the chosen float layers, ranges of the whole calibration split
+            result.info = run_recipe(os.fspath(source), os.fspath(int8_path), ranges, list(result.excluded))
     info = dict(result.info)
     info.pop("ranges", None)
+    info["weight_rounding"] = rounding.to_dict() if rounding else {"method": "nearest"}
     return info, fallback_block(ctx, result, data)
 
 
@@ -175,14 +194,19 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
     ctx.say("preparing the FP32 graph for INT8 kernels")
     rewrites = recipe_module.prepare(fp32_path, prepared)
     base = recipe_module.default_exclusions(prepared)
-    uncorrected = work / ".prepared-uncorrected.onnx"
+    uncorrected = work / ".prepared-uncorrected.onnx"   # the prepared FP32 weights and biases, untouched
+    shutil.copyfile(prepared, uncorrected)
+    rounding = None
+    if weight_rounding_method(ctx) == "gptq":
+        rounding = weight_rounding.round_weights(
+            prepared, prepared, lambda: ctx.calib.iter_batches("calib", batch_size=16), skip=base, say=ctx.say)
+        ctx.say(f"weight rounding: {rounding.layers} layers rounded with error compensation in {rounding.seconds:.0f} s")
     corrected = 0
     if ctx.options.extra.get("bias_correction", True) and hasattr(recipe_module, "bias_correction"):
         ctx.say("bias correction: channel means on the calibration split")
         means = channel_means(prepared, ctx.calib.iter_batches("calib", batch_size=16),
                               recipe_module.bias_correction_inputs(prepared))
-        shutil.copyfile(prepared, uncorrected)
-        corrected = recipe_module.bias_correction(prepared, prepared, means, skip=base)
+        corrected = recipe_module.bias_correction(prepared, prepared, means, skip=base, original=uncorrected)
         rewrites["bias_corrected_convs"] = corrected
     ctx.say(f"calibrating activation ranges ({method}) on the calibration split")
     try:
@@ -200,7 +224,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         prepared, lambda: fit.iter_batches("calib", batch_size=16), method, fingerprint=fit.fingerprint()))
 
     # the recipe, with bias correction undone for the layers the fallback keeps float
-    run_recipe = (recipe_module.quantize_with_biases_restored(uncorrected, base, work) if corrected
+    run_recipe = (recipe_module.quantize_with_biases_restored(uncorrected, base, work) if corrected or rounding
                   else recipe_module.quantize)
 
     speed_opts = {}
@@ -224,6 +248,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         "bias_correction": {"convs": corrected, "method": "b -= (Wq - W)·E[x] per output channel, E[x] from the "
                                                           "calibration split; undone for layers kept float"}
         if corrected else None,
+        "weight_rounding": rounding.to_dict() if rounding else {"method": "nearest"},
         "kernels": report,
         "fallback": fallback_block(ctx, result, data),
     }

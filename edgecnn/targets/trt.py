@@ -102,7 +102,8 @@ class TrtTarget(Target):
                                    nodes_to_exclude=tuple(ctx.options.extra.get("nodes_to_exclude", ())),
                                    metadata=meta, max_opset=trt_exporter.OPSET,
                                    range_method=ctx.options.extra.get("range_method", "minmax"))
-        for key in ("quantized_layers", "float_layers", "residual_adds_skip_quantized", "qdq_pairs", "fixes", "checker"):
+        for key in ("quantized_layers", "float_layers", "residual_adds_skip_quantized", "qdq_pairs", "fixes", "checker",
+                    "weight_rounding"):
             written["recipe"][key] = info[key]
         written["recipe"]["fallback"] = {**block, "calibration_cache": "unchanged: implicit-INT8/DLA builds do not "
                                                                        "honour per-layer float"}
