@@ -154,20 +154,43 @@ def strip_for_quantization(module):
 W8A8_SCHEMES = ("symmetric", "affine")
 
 
+W8A8_ROUNDING = ("gptq", "nearest")
+
+
 def prepare_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *, keep_float: Sequence[str] = (),
-                 max_images: int = 512, scheme: str = "affine"):
+                 max_images: int = 512, scheme: str = "affine", rounding: str = "gptq"):
     """The calibration half of :func:`quantize_w8a8`: (quantizer, prepared model with calibrated observers,
-    images seen, StochasticDepth modules stripped). ``quantizer.finalize`` turns it into the W8A8 model;
-    the sensitivity fallback (``exporters.coreml_fallback``) simulates on the prepared model instead."""
+    images seen, StochasticDepth modules stripped, (rounding info, {module: original weight})).
+    ``quantizer.finalize`` turns it into the W8A8 model; the sensitivity fallback
+    (``exporters.coreml_fallback``) simulates on the prepared model instead.
+
+    ``rounding="gptq"``: BatchNorm is folded into the convolutions first, then their weights are rounded
+    with error compensation (``exporters.weight_rounding``) on the very grid the quantizer's per-channel
+    min/max observer will derive, so it reproduces the chosen steps; modules in ``keep_float`` keep theirs."""
     if scheme not in W8A8_SCHEMES:
         raise ExportError(f"unknown W8A8 scheme {scheme!r}", hint=f"use one of {', '.join(W8A8_SCHEMES)}")
+    if rounding not in W8A8_ROUNDING:
+        raise ExportError(f"unknown weight rounding {rounding!r}", hint=f"use one of {', '.join(W8A8_ROUNDING)}")
     import torch
 
     import_coremltools()
     from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
                                                          ModuleLinearQuantizerConfig)
 
+    from .weight_rounding import fold_batchnorm, round_module_weights
+
     model, stripped = strip_for_quantization(module)
+    rounded = ({"method": "nearest"}, {})
+    if rounding == "gptq":
+        calib_batches = list(calib_batches)   # read twice: layer statistics, then the observers
+        try:
+            model = fold_batchnorm(model)
+        except Exception as exc:  # torch.fx tracing raises many types
+            raise ExportError(f"BatchNorm folding (torch.fx) failed before W8A8: {_first_line(exc)}",
+                              hint="use --target-option weight_rounding=nearest") from exc
+        report, originals = round_module_weights(model, calib_batches, skip=keep_float,
+                                                 grid="torch_affine" if scheme == "affine" else "torch_symmetric")
+        rounded = ({**report.to_dict(), "batchnorm_folded": True}, originals)
     # milestones: observers on at step 0, fake-quant never during calibration, BatchNorm frozen at step 0
     global_cfg = ModuleLinearQuantizerConfig(quantization_scheme=scheme, weight_dtype=torch.qint8,
                                              weight_per_channel=True, activation_dtype=torch.quint8,
@@ -196,11 +219,12 @@ def prepare_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *
                 seen += len(batch)
         if seen == 0:
             raise ExportError("W8A8 calibration got no images", hint="pass CALIB=<folder of images>")
-    return quantizer, prepared, seen, stripped
+    return quantizer, prepared, seen, stripped, rounded
 
 
 def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *,
-                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine"):
+                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine",
+                  rounding: str = "gptq"):
     """W8A8 with ``coremltools.optimize.torch``'s LinearQuantizer, calibration only (no training).
 
     Weights: INT8 per-channel; activations: 8-bit per-tensor, ranges by a min/max observer over the
@@ -212,8 +236,8 @@ def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], 
     *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules``
     paths) left in float (``exporters.coreml_fallback`` chooses them). Returns (finalized module, info dict).
     """
-    quantizer, prepared, seen, stripped = prepare_w8a8(module, spec, calib_batches, keep_float=keep_float,
-                                                       max_images=max_images, scheme=scheme)
+    quantizer, prepared, seen, stripped, rounded = prepare_w8a8(module, spec, calib_batches, keep_float=keep_float,
+                                                                max_images=max_images, scheme=scheme, rounding=rounding)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         final = quantizer.finalize(inplace=False).eval()
@@ -221,7 +245,7 @@ def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], 
             "scheme": scheme, "weights": f"int8 {scheme}, per output channel (min/max)",
             "activations": f"8-bit {scheme} per tensor (quint8 in PyTorch, int8/uint8 quantize ops in the "
                            "program), ranges: min/max over the calibration images",
-            "calibration_images": seen, "stochastic_depth_stripped": stripped,
+            "calibration_images": seen, "stochastic_depth_stripped": stripped, "weight_rounding": rounded[0],
             "kept_float": list(keep_float)}
     return final, info
 
@@ -417,7 +441,8 @@ def op_counts(ml) -> Dict[str, int]:
 def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precision: str = "fp16",
                   ios: Optional[int] = None, labels: Sequence[str], metadata: Optional[Dict[str, str]] = None,
                   calib_batches: Optional[Iterable[np.ndarray]] = None, variants: Sequence[str] = VARIANTS,
-                  keep_float: Sequence[str] = (), w8a8_scheme: str = "affine", description: str = "",
+                  keep_float: Sequence[str] = (), w8a8_scheme: str = "affine", w8a8_rounding: str = "gptq",
+                  description: str = "",
                   file_names: Optional[Dict[str, str]] = None) -> tuple:
     """Write one ``.mlpackage`` per variant into ``out_dir``.
 
@@ -433,7 +458,8 @@ def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precis
     if precision == "int8":
         if calib_batches is None:
             raise ExportError("Core ML int8 (W8A8) needs calibration images", hint="pass CALIB=<folder of images>")
-        net, qinfo = quantize_w8a8(module, spec, calib_batches, keep_float=keep_float, scheme=w8a8_scheme)
+        net, qinfo = quantize_w8a8(module, spec, calib_batches, keep_float=keep_float, scheme=w8a8_scheme,
+                                   rounding=w8a8_rounding)
         recipe.update(qinfo, compute="float16 between quantize/dequantize pairs",
                       note="W8A8: weights and activations 8-bit (Core ML quantize/dequantize, iOS17+)")
     elif precision == "int8-weights":

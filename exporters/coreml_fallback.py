@@ -63,17 +63,29 @@ def fake_quant_units(prepared, depth: int) -> Dict[str, list]:
 
 def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.ndarray, *,
                   min_agreement: float = 0.99, min_sqnr_db: float = -999.0, max_float_fraction: float = 0.5, rank_images: int = 32,
-                  unit_depth: int = 3, scheme: str = "affine", max_images: int = 512, say=None) -> dict:
+                  unit_depth: int = 3, scheme: str = "affine", max_images: int = 512, rounding: str = "gptq",
+                  say=None) -> dict:
     """Search the float units; returns {"keep_float", "curve", "sensitivity", "before", "after", "seconds"}."""
     import torch
     from torch.ao.quantization import disable_observer, enable_fake_quant
 
     say = say or (lambda msg: None)
     t0 = time.perf_counter()
-    _, prepared, seen, _ = prepare_w8a8(module, spec, calib_batches, max_images=max_images, scheme=scheme)
+    _, prepared, seen, _, (_, originals) = prepare_w8a8(module, spec, calib_batches, max_images=max_images,
+                                                         scheme=scheme, rounding=rounding)
     prepared.apply(disable_observer)
     prepared.apply(enable_fake_quant)
     units = fake_quant_units(prepared, unit_depth)
+    # a unit switched off gets its float weights back (the rounding moved them onto the INT8 grid)
+    swaps: Dict[str, list] = {}
+    for name, weight in originals.items():
+        for path in (name, name + ".conv"):
+            try:
+                param = prepared.get_submodule(path).weight
+            except AttributeError:
+                continue
+            if tuple(param.shape) == tuple(weight.shape):
+                swaps.setdefault(_unit(name, unit_depth), []).append((param, weight, param.detach().clone()))
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -84,6 +96,9 @@ def w8a8_fallback(module, spec, calib_batches, probe: np.ndarray, reference: np.
         for n in names:
             for fq in units[n]:
                 fq.enable_fake_quant() if on else fq.disable_fake_quant()
+            with torch.no_grad():
+                for param, float_weight, rounded_weight in swaps.get(n, ()):
+                    param.copy_(rounded_weight if on else float_weight)
 
     probe, reference = np.asarray(probe, np.float32), np.asarray(reference, np.float32)
     full = run(probe)

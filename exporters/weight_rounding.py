@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -202,18 +202,50 @@ def _h_bytes(layer: _Layer) -> int:
     return 8 * layer.groups * layer.columns * layer.columns
 
 
-def gptq_round(w_rows, h, damp: float = DAMP):
-    """Round ``w_rows`` (groups, rows, columns) onto the per-row grid amax/127 with error compensation
-    through ``h`` (groups, columns, columns). Returns the rounded rows (float64, on the grid)."""
+GRIDS = ("onnx", "torch_affine", "torch_symmetric")
+
+
+def _grid(w, grid: str):
+    """(scale, lowest, highest integer step, pin mask) per row of ``w`` (groups, rows, columns) for the
+    quantizer that will round these weights:
+
+    - ``onnx``: onnxruntime's symmetric per-channel INT8, scale amax/127, steps -127..127;
+    - ``torch_affine`` / ``torch_symmetric``: PyTorch's per-channel min/max observer for qint8 (what
+      coremltools' LinearQuantizer uses): the range [min(w, 0), max(w, 0)] over 255 steps, or amax over 127.5.
+    Steps are clamped to the row's own range, so no rounded weight moves the observer's min or max; the
+    elements that set the range (pinned) keep their float value, so the quantizer derives the same scale.
+    """
+    import torch
+
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+    pin = torch.zeros_like(w, dtype=torch.bool)
+    if grid == "onnx":
+        scale = (w.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-30)
+        pin.scatter_(-1, w.abs().argmax(-1, keepdim=True), True)
+        return scale, torch.full_like(scale, -127.0), torch.full_like(scale, 127.0), pin
+    if grid == "torch_affine":
+        scale = ((hi - lo) / 255.0).clamp_min(float(torch.finfo(torch.float32).eps))
+    elif grid == "torch_symmetric":
+        scale = (torch.maximum(-lo, hi) / 127.5).clamp_min(float(torch.finfo(torch.float32).eps))
+    else:
+        raise ValueError(f"unknown grid {grid!r} (one of {', '.join(GRIDS)})")
+    pin.scatter_(-1, w.argmin(-1, keepdim=True), True)
+    pin.scatter_(-1, w.argmax(-1, keepdim=True), True)
+    return scale, torch.ceil(lo / scale - 1e-6), torch.floor(hi / scale + 1e-6), pin
+
+
+def gptq_round(w_rows, h, damp: float = DAMP, grid: str = "onnx"):
+    """Round ``w_rows`` (groups, rows, columns) onto the per-row ``grid`` (``_grid``) with error compensation
+    through ``h`` (groups, columns, columns). Returns the rounded rows (float64; pinned elements keep their
+    float value, which the quantizer rounds itself: on the ``onnx`` grid they are exactly ±127 steps)."""
     import torch
 
     w = torch.as_tensor(w_rows, dtype=torch.float64).clone()
     g, r, d = w.shape
-    scale = (w.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-30)
-    pin = torch.zeros_like(w, dtype=torch.bool)
-    pin.scatter_(-1, w.abs().argmax(-1, keepdim=True), True)   # the channel's largest weight: exactly ±127
+    scale, k_lo, k_hi = (t[..., 0] for t in _grid(w, grid)[:3])
+    pin = _grid(w, grid)[3]
     orig = w.clone()
-    h = h.clone()
+    h = torch.as_tensor(h, dtype=torch.float64).clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag <= 0
     diag += damp * diag.mean(-1, keepdim=True).clamp_min(1e-12)
@@ -225,14 +257,14 @@ def gptq_round(w_rows, h, damp: float = DAMP):
         err = torch.zeros(g, r, b1 - b0, dtype=w.dtype)
         for i in range(b0, b1):
             col = w[..., i]
-            qi = torch.clamp(torch.round(col / scale[..., 0]), -127, 127) * scale[..., 0]
+            qi = torch.minimum(torch.maximum(torch.round(col / scale), k_lo), k_hi) * scale
             q[..., i] = qi
             e = (col - qi) / u[:, i, i][:, None]
             err[..., i - b0] = e
             rest = w[..., i + 1:b1] - e[..., None] * u[:, None, i, i + 1:b1]
             w[..., i + 1:b1] = torch.where(pin[..., i + 1:b1], orig[..., i + 1:b1], rest)
         w[..., b1:] = torch.where(pin[..., b1:], orig[..., b1:], w[..., b1:] - err @ u[:, b0:b1, b1:])
-    return q
+    return torch.where(pin, orig, q)
 
 
 def round_weights(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
@@ -274,3 +306,118 @@ def round_weights(src: Union[str, os.PathLike], dst: Union[str, os.PathLike],
     onnx.save(model, os.fspath(dst))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+# ------------------------------------------------------------------------------------------ PyTorch models
+def fold_batchnorm(module):
+    """A copy of ``module`` (eval mode) with every Conv -> BatchNorm pair folded into one Conv (torch.fx's
+    own ``fuse``; exact up to float rounding). Module names stay the same, so per-module options still apply.
+    The rounding must see the weights the quantizer will round: with BatchNorm folded, those are these."""
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(module.eval(), inplace=False)
+
+
+def _torch_layer(name: str, mod) -> Optional[_Layer]:
+    import torch.nn.functional as F
+    from torch import nn
+
+    w = mod.weight.detach()
+    if isinstance(mod, nn.Linear):
+        k = w.shape[1]
+        return _Layer(name, "Linear", name, name, tuple(w.shape), to_rows=lambda a: a[None], from_rows=lambda r: r[0],
+                      unfold=lambda x: x.reshape(-1, k)[None], columns=k, groups=1)
+    if not isinstance(mod, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        return None
+    g = mod.groups
+    cout, cin_g, kh, kw = w.shape
+    cols = cin_g * kh * kw
+    ph, pw = mod.padding
+
+    def unfold(x):
+        p = F.unfold(x, (kh, kw), dilation=mod.dilation, padding=(ph, pw), stride=mod.stride)
+        n, _, L = p.shape
+        return p.reshape(n, g, cols, L).permute(1, 0, 3, 2).reshape(g, n * L, cols)
+
+    return _Layer(name, "Conv2d", name, name, tuple(w.shape), to_rows=lambda a: a.reshape(g, cout // g, cols),
+                  from_rows=lambda r: r.reshape(w.shape), unfold=unfold, columns=cols, groups=g)
+
+
+def round_module_weights(model, batches: Sequence[np.ndarray], *, grid: str, skip: Sequence[str] = (),
+                         max_images: int = MAX_IMAGES, say: Callable[[str], None] = lambda m: None):
+    """The PyTorch twin of ``round_weights``, in place, for a model quantized in PyTorch (Core ML's W8A8 via
+    coremltools' LinearQuantizer): every Conv2d/Linear whose name does not start with a ``skip`` prefix gets
+    its weights rounded on ``grid`` (``_grid``). Fold BatchNorm first (``fold_batchnorm``). Returns
+    (report, {module name: original weight}) so a caller can put a layer's float weights back."""
+    import torch
+    from torch import nn
+
+    t0 = time.perf_counter()
+    skip = tuple(skip)
+    layers, report = [], RoundingReport()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        layer = _torch_layer(name, mod)
+        if layer is None:
+            report.nearest[name] = "layout not handled (padding mode or 'same' padding)"
+        elif layer.columns > MAX_COLUMNS:
+            report.nearest[name] = f"{layer.columns} inputs per output channel (> {MAX_COLUMNS}): H would cost too much"
+        else:
+            layers.append(layer)
+    mods = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(0)
+    todo = list(layers)
+    say(f"weight rounding (GPTQ): input statistics of {len(layers)} layers on up to {max_images} calibration images")
+    while todo:
+        chunk, size = [], 0
+        while todo and (not chunk or size + _h_bytes(todo[0]) <= PASS_BYTES):
+            size += _h_bytes(todo[0])
+            chunk.append(todo.pop(0))
+
+        def hook(layer):
+            def run(mod, inp):
+                positions = _positions_per_image(layer, max_images)
+                x = inp[0].detach().float()
+                for i in range(x.shape[0]):
+                    p = layer.unfold(x[i:i + 1])
+                    if p.shape[1] > positions:
+                        p = p[:, torch.randperm(p.shape[1], generator=gen)[:positions]]
+                    p = p.double()
+                    layer.h += p.transpose(1, 2) @ p
+            return run
+
+        handles = []
+        for layer in chunk:
+            layer.h = torch.zeros(layer.groups, layer.columns, layer.columns, dtype=torch.float64)
+            handles.append(mods[layer.node].register_forward_pre_hook(hook(layer)))
+        seen = 0
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    if seen >= max_images:
+                        break
+                    b = np.asarray(b, np.float32)[: max_images - seen]
+                    model(torch.from_numpy(np.ascontiguousarray(b)))
+                    seen += len(b)
+        finally:
+            for h in handles:
+                h.remove()
+        report.images = seen
+    originals = {}
+    for layer in layers:
+        mod = mods[layer.node]
+        w = mod.weight.detach().double()
+        try:
+            q = gptq_round(layer.to_rows(w), layer.h, grid=grid)
+        except torch.linalg.LinAlgError:
+            report.nearest[layer.node] = "input statistics not positive definite"
+            continue
+        finally:
+            layer.h = None
+        originals[layer.node] = mod.weight.detach().clone()
+        with torch.no_grad():
+            mod.weight.copy_(layer.from_rows(q).to(mod.weight.dtype))
+        report.layers += 1
+    report.seconds = time.perf_counter() - t0
+    return report, originals

@@ -119,3 +119,35 @@ def test_iter_tensors_yields_named_intermediates_batch_by_batch(rounded):
     conv_input = next(n.input[0] for n in onnx.load(str(prep)).graph.node if n.op_type == "Conv")
     seen = [(n, v[conv_input].shape) for n, v in iter_tensors(prep, [x[:5], x[5:12]], [conv_input], max_images=10)]
     assert seen == [(5, (5, 3, 32, 32)), (5, (5, 3, 32, 32))]
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+def test_torch_rounding_lands_on_the_grid_coremltools_w8a8_derives(scheme):
+    """Core ML W8A8 (coremltools' LinearQuantizer): BatchNorm folded, weights rounded on the grid of PyTorch's
+    per-channel min/max observer; after calibration the fake quantizer reproduces every rounded step, and
+    the range-setting (pinned) weights are the only ones it still rounds itself."""
+    import torch
+
+    from exporters.coreml import prepare_w8a8
+
+    from int8_nets import tiny_spec
+
+    x = images(32)
+    _, prepared, seen, _, (info, originals) = prepare_w8a8(se_net(), tiny_spec(), [x[:16], x[16:]], scheme=scheme)
+    assert info["method"] == "gptq" and info["batchnorm_folded"] and info["layers"] == len(originals) >= 4
+    checked = 0
+    for name, mod in prepared.named_modules():
+        fq = getattr(mod, "weight_fake_quant", None)
+        if fq is None or name not in originals:
+            continue
+        w = mod.weight.detach()
+        with torch.no_grad():
+            fq.disable_observer()
+            fq.enable_fake_quant()   # calibration ran with fake quantization off
+            snapped = fq(w)
+        moved = (snapped - w).abs() > 1e-6 * w.abs().amax()
+        # per output channel at most the two range-setting weights (its min and max) are re-rounded
+        assert int(moved.reshape(len(w), -1).sum(1).max()) <= 2, name
+        assert not torch.equal(w, originals[name].to(w.dtype))   # the rounding did change the weights
+        checked += 1
+    assert checked == len(originals)

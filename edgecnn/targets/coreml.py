@@ -59,6 +59,11 @@ class CoreMLTarget(Target):
         # trained weights, logit SQNR (plus a margin) for random init — as the ONNX/TensorRT INT8 fallback.
         keep_float = tuple(extra.get("coreml_keep_float", ()))
         scheme = extra.get("coreml_int8_scheme", "affine")
+        rounding = None
+        if ctx.precision == "int8":
+            from .int8 import weight_rounding_method
+
+            rounding = weight_rounding_method(ctx)
         calib = None
         fallback = None
         if ctx.precision == "int8" and not keep_float and extra.get("coreml_int8_fallback", True):
@@ -76,7 +81,7 @@ class CoreMLTarget(Target):
                                      torch_reference(ctx.model, data.probe), min_agreement=min_agreement,
                                      min_sqnr_db=min_sqnr,
                                      max_float_fraction=ctx.options.number("coreml_fallback_max_float", 0.5),
-                                     scheme=scheme, say=ctx.say)
+                                     scheme=scheme, rounding=rounding, say=ctx.say)
             fallback["probe"] = data.describe(rank_images=32)
             fallback["probe_split"] = data.split
             keep_float = tuple(fallback["keep_float"])
@@ -89,7 +94,8 @@ class CoreMLTarget(Target):
                 f"exported by edgecnn {ctx.metadata.get('edgecnn.version', '')}")
         infos, recipe = coreml_exporter.export_coreml(
             ctx.model, ctx.spec, staging, precision=ctx.precision, ios=ios, labels=ctx.labels,
-            metadata=ctx.metadata, calib_batches=calib, keep_float=keep_float, w8a8_scheme=scheme, description=desc,
+            metadata=ctx.metadata, calib_batches=calib, keep_float=keep_float, w8a8_scheme=scheme,
+            w8a8_rounding=rounding or "gptq", description=desc,
             file_names={"image": IMAGE_MODEL, "tensor": TENSOR_MODEL})
         variants = {k: v.to_dict() for k, v in infos.items()}
         variants["image"]["validated_by"] = "the pipeline (all held-out images)"
