@@ -162,34 +162,49 @@ def _accumulate(model_path: str, layers: List[_Layer], batches: Callable[[], Ite
 
     gen = torch.Generator().manual_seed(0)
     images = 0
-    todo = list(layers)
-    passes = 0
-    while todo:
-        chunk, size = [], 0
-        while todo and (not chunk or size + _h_bytes(todo[0]) <= PASS_BYTES):
-            size += _h_bytes(todo[0])
-            chunk.append(todo.pop(0))
-        passes += 1
+    for passes, chunk in enumerate(_passes(layers), 1):
         by_input: Dict[str, List[_Layer]] = {}
         for layer in chunk:
             by_input.setdefault(layer.inp, []).append(layer)
-            layer.h = torch.zeros(layer.groups, layer.columns, layer.columns, dtype=torch.float64)
         images = 0
         for n, values in iter_tensors(model_path, batches(), list(by_input), max_images=max_images):
             images += n
             for name, v in values.items():
                 x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
                 for layer in by_input[name]:
-                    positions = _positions_per_image(layer, max_images)
-                    for i in range(x.shape[0]):  # one image at a time: bounded memory, per-image subsampling
-                        p = layer.unfold(x[i:i + 1])
-                        if p.shape[1] > positions:
-                            p = p[:, torch.randperm(p.shape[1], generator=gen)[:positions]]
-                        p = p.double()
-                        layer.h += p.transpose(1, 2) @ p
+                    _add_inputs(layer, x, max_images, gen)
         if len(layers) > len(chunk) or passes > 1:
             say(f"weight rounding: layer input statistics, pass {passes} ({len(chunk)} layers)")
     return images
+
+
+def _passes(layers: List[_Layer]):
+    """Consecutive groups of layers whose H matrices fit ``PASS_BYTES`` together (each layer's H zeroed)."""
+    import torch
+
+    todo = list(layers)
+    while todo:
+        chunk, size = [], 0
+        while todo and (not chunk or size + _h_bytes(todo[0]) <= PASS_BYTES):
+            size += _h_bytes(todo[0])
+            chunk.append(todo.pop(0))
+        for layer in chunk:
+            layer.h = torch.zeros(layer.groups, layer.columns, layer.columns, dtype=torch.float64)
+        yield chunk
+
+
+def _add_inputs(layer: _Layer, x, max_images: int, gen) -> None:
+    """``layer.h += Σ p pᵀ`` over the input patches of the batch ``x``, one image at a time (bounded memory),
+    on a seeded random subset of positions per image (``_positions_per_image``)."""
+    import torch
+
+    positions = _positions_per_image(layer, max_images)
+    for i in range(x.shape[0]):
+        p = layer.unfold(x[i:i + 1])
+        if p.shape[1] > positions:
+            p = p[:, torch.randperm(p.shape[1], generator=gen)[:positions]]
+        p = p.double()
+        layer.h += p.transpose(1, 2) @ p
 
 
 def _positions_per_image(layer: _Layer, max_images: int) -> int:
@@ -367,30 +382,11 @@ def round_module_weights(model, batches: Sequence[np.ndarray], *, grid: str, ski
             layers.append(layer)
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
-    todo = list(layers)
     say(f"weight rounding (GPTQ): input statistics of {len(layers)} layers on up to {max_images} calibration images")
-    while todo:
-        chunk, size = [], 0
-        while todo and (not chunk or size + _h_bytes(todo[0]) <= PASS_BYTES):
-            size += _h_bytes(todo[0])
-            chunk.append(todo.pop(0))
-
-        def hook(layer):
-            def run(mod, inp):
-                positions = _positions_per_image(layer, max_images)
-                x = inp[0].detach().float()
-                for i in range(x.shape[0]):
-                    p = layer.unfold(x[i:i + 1])
-                    if p.shape[1] > positions:
-                        p = p[:, torch.randperm(p.shape[1], generator=gen)[:positions]]
-                    p = p.double()
-                    layer.h += p.transpose(1, 2) @ p
-            return run
-
-        handles = []
-        for layer in chunk:
-            layer.h = torch.zeros(layer.groups, layer.columns, layer.columns, dtype=torch.float64)
-            handles.append(mods[layer.node].register_forward_pre_hook(hook(layer)))
+    for chunk in _passes(layers):
+        handles = [mods[layer.node].register_forward_pre_hook(
+            lambda mod, inp, layer=layer: _add_inputs(layer, inp[0].detach().float(), max_images, gen))
+            for layer in chunk]
         seen = 0
         try:
             with torch.no_grad():
