@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="efficientnet_lite0")
     ap.add_argument("--k", default="0,1,2,4,8,12,20,30,40,all")
     ap.add_argument("--method", default="minmax")
+    ap.add_argument("--rounding", default="gptq", choices=("gptq", "nearest"), help="INT8 weight rounding (the pipeline's default: gptq)")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--eval-size", type=int, default=96)
     args = ap.parse_args(argv)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
     from edgecnn import weights, zoo
     from edgecnn.targets.int8 import side_by_side_latency
     from edgecnn.validate.latency import machine_description
-    from exporters import quant_fallback, quant_ort
+    from exporters import quant_fallback, quant_ort, weight_rounding
     from exporters.onnx import export_onnx
 
     entry = zoo.resolve(args.arch)
@@ -46,15 +48,19 @@ def main(argv=None) -> int:
         weights.reestimate_batchnorm(model, cs.iter_batches("calib", batch_size=16))
     mach = machine_description()
     print(f"# {args.arch} ({'pretrained' if info.pretrained else 'random init'}), ort recipe, {args.method} ranges, "
-          f"bias correction; {mach.get('cpu')}, {mach.get('logical_cores')} cores, load {mach.get('load_avg_1m')} at start")
+          f"{args.rounding} weight rounding, bias correction; {mach.get('cpu')}, {mach.get('logical_cores')} cores, load {mach.get('load_avg_1m')} at start")
     with tempfile.TemporaryDirectory(prefix="edgecnn-curve-") as tmp:
         w = Path(tmp)
         fp32, unc, prep = w / "fp32.onnx", w / "unc.onnx", w / "prep.onnx"
         export_onnx(model, entry.spec, fp32)
         quant_ort.prepare(fp32, unc)
         base = quant_ort.default_exclusions(unc)
-        means = channel_means(unc, cs.iter_batches("calib", batch_size=16), quant_ort.bias_correction_inputs(unc))
-        quant_ort.bias_correction(unc, prep, means, skip=base)
+        if args.rounding == "gptq":
+            weight_rounding.round_weights(unc, prep, lambda: cs.iter_batches("calib", batch_size=16), skip=base)
+        else:
+            shutil.copyfile(unc, prep)
+        means = channel_means(prep, cs.iter_batches("calib", batch_size=16), quant_ort.bias_correction_inputs(prep))
+        quant_ort.bias_correction(prep, prep, means, skip=base, original=unc)
         ranges = compute_ranges(prep, lambda: cs.iter_batches("calib", batch_size=16), args.method, cache_dir=False)
 
         recipe = quant_ort.quantize_with_biases_restored(unc, base, w)

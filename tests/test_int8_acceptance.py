@@ -36,8 +36,9 @@ def test_efficientnet_lite0_int8_on_held_out_photos(tmp_path, monkeypatch):
     print({k: p[k] for k in ("top1_agreement", "ref_top1_in_top5", "cosine", "sqnr_db", "samples")},
           m["int8"].get("speedup_vs_fp32"), r["fallback"]["layers_float"], r["fallback"]["agreement_before"],
           r["fallback"]["agreement_after"])
-    # what this recipe reliably achieves (measured with the float-layer fallback: agreement 89-93%, in-top-5
-    # 100%, cosine 0.998-0.999; with mse ranges and the probe of unseen calibration photos: 92.7%, 5 float)
+    # what this recipe reliably achieves (measured with the float-layer fallback: agreement 89-94%, in-top-5
+    # 100%, cosine 0.998-0.999; with mse ranges, the probe of unseen calibration photos and the weight
+    # rounding: 93.8%, 7 float, cosine 0.9991, 1.02x FP32 -- before the rounding 92.7% with 5 float)
     assert p["ref_top1_in_top5"] >= 0.99, p
     assert p["cosine"] >= 0.995, p
     # the fallback's float layers cost speed; its floor (1.1x on a quick timing) keeps INT8 faster than FP32
@@ -95,8 +96,8 @@ def test_fmnist_int8_agreement_and_accuracy(arch, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 93.25% agreement < 99% (accuracy 79.75% vs FP32 80.5%) with 16 "
-                                       "layers float (fallback stopped: ranked layers exhausted, 202 s)")
+@pytest.mark.xfail(strict=True, reason="measured 93.0% agreement < 99% (accuracy 80.25% vs FP32 80.5%) with 25 "
+                                       "layers float (fallback stopped: ranked layers exhausted, 238 s)")
 def test_fmnist_efficientnet_b0_int8_with_fallback(tmp_path, monkeypatch):
     m = _fmnist_int8("efficientnet_b0", tmp_path, monkeypatch)
     _check_fmnist(m)
