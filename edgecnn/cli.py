@@ -85,6 +85,9 @@ def _add_export(sub) -> None:
                    help="INT8 activation range estimation (default minmax; ranges are cached per model + calibration set)")
     p.add_argument("--no-int8-fallback", action="store_true",
                    help="INT8: skip the per-layer sensitivity analysis and float fallback")
+    p.add_argument("--weight-rounding", default="gptq", choices=("gptq", "nearest"),
+                   help="INT8 weights: gptq = rounded with error compensation on the calibration images (default), "
+                        "nearest = plain rounding")
     p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
                    help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
     p.add_argument("--lock-timeout", type=_seconds, default=600.0, help="seconds to wait for another export of the same bundle")
@@ -129,6 +132,7 @@ def _cmd_export(args) -> int:
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
                             latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
                             extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback,
+                                   "weight_rounding": args.weight_rounding,
                                    **({"ios": args.ios} if args.ios is not None else {})})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,

@@ -51,10 +51,12 @@ def test_lenet5_int8_export_records_the_recipe(tmp_path, cache, monkeypatch):
 
 def test_cli_calib_method_and_bad_method(tmp_path, cache, capsys):
     rc = main(["export", "lenet5", "-p", "int8", "-w", "none", "-o", str(tmp_path / "a"), "--calib-size", "48",
-               "--eval-size", "24", "--calib-method", "mse", "--no-latency", "--json", "-q"])
+               "--eval-size", "24", "--calib-method", "mse", "--weight-rounding", "nearest", "--no-latency", "--json",
+               "-q"])
     assert rc == 0
     m = json.loads(capsys.readouterr().out)
     assert m["recipe"]["calibration_method"] == "mse" and m["calibration"]["calibration_images"] <= 48
+    assert m["recipe"]["weight_rounding"] == {"method": "nearest"}
     with pytest.raises(SystemExit):
         main(["export", "lenet5", "-p", "int8", "--calib-method", "bogus"])
 
