@@ -1,7 +1,7 @@
-"""Error-compensated INT8 weight rounding for the Q/DQ recipes (GPTQ, Frantar et al. 2022, applied to
-convolutions): the INT8 grid stays the one the quantizer uses (symmetric, per output channel, amax/127),
-only the choice of grid point per weight changes, so the Q/DQ model, its kernels and the TensorRT rules
-are exactly as before.
+"""Error-compensated INT8 weight rounding (GPTQ, Frantar et al. 2022, applied to convolutions) for the Q/DQ
+recipes and Core ML's W8A8: the INT8 grid stays the one the quantizer derives (onnxruntime: symmetric, per
+output channel, amax/127; PyTorch's min/max observer for coremltools), only the choice of grid point per
+weight changes, so the quantized model, its kernels and the TensorRT rules are exactly as before.
 
 Why: rounding each weight to its nearest grid point ignores that a layer's output errors add up over its
 inputs. Measured on the pretrained EfficientNet-Lite0 (PyTorch simulation, BatchNorm folded, 96 held-out
@@ -15,9 +15,9 @@ by activation rounding (about 21 dB either way).
 How: for each layer, ``H = Σ x xᵀ`` over its input patches on calibration images (a float run of the
 prepared model); the weights of each output channel are rounded one input column at a time, and each
 rounding error is pushed onto the columns not yet rounded in proportion to ``H⁻¹`` (the least-squares
-optimum given what is already fixed), so ``Σ ((W_q - W) x)²`` stays small. Each channel's largest
-weight is pinned to its exact grid end (±127), so the quantizer, which derives the channel's scale from
-the largest weight, reproduces the chosen integers exactly. Grouped and depthwise convolutions are
+optimum given what is already fixed), so ``Σ ((W_q - W) x)²`` stays small. The weights that set each
+channel's range (its largest, or its min and max) keep their values, so the quantizer, which derives the
+channel's scale from them, reproduces the chosen integers exactly (``_grid``). Grouped and depthwise convolutions are
 solved per group. No library does this for Conv Q/DQ models (onnxruntime's GPTQ is for 4-bit MatMul
 weights of language models), hence the hand-written code here.
 
@@ -47,18 +47,15 @@ BLOCK = 128               # columns rounded per block before the rest of the lay
 
 @dataclass
 class _Layer:
-    node: str
-    op: str
-    inp: str
-    weight: str
-    shape: tuple           # the initializer's shape
-    to_rows: Callable      # initializer -> (groups, rows, columns)
-    from_rows: Callable    # (groups, rows, columns) -> initializer
+    node: str              # node name (ONNX) or module name (PyTorch)
+    inp: str               # the tensor whose patches build H (ONNX: the node's first input)
+    weight: str            # the weight initializer (ONNX) or the module name (PyTorch)
+    to_rows: Callable      # weight -> (groups, rows, columns)
+    from_rows: Callable    # (groups, rows, columns) -> weight
     unfold: Callable       # input batch -> (groups, positions, columns) torch tensor
     columns: int
     groups: int
-    h: object = None
-    seen: int = 0
+    h: object = None       # Σ x xᵀ, (groups, columns, columns) float64, while a pass accumulates it
 
 
 @dataclass
@@ -104,7 +101,7 @@ def _conv_layer(node, w: np.ndarray) -> Optional[_Layer]:
         n, _, L = p.shape
         return p.reshape(n, g, cols, L).permute(1, 0, 3, 2).reshape(g, n * L, cols)
 
-    return _Layer(node.name, "Conv", node.input[0], node.input[1], w.shape,
+    return _Layer(node.name, node.input[0], node.input[1],
                   to_rows=lambda a: a.reshape(g, cout // g, cols), from_rows=lambda r: r.reshape(w.shape),
                   unfold=unfold, columns=cols, groups=g)
 
@@ -125,7 +122,7 @@ def _matrix_layer(node, w: np.ndarray) -> Optional[_Layer]:
         to_rows, from_rows = (lambda a: a[None]), (lambda r: r[0])
     else:
         to_rows, from_rows = (lambda a: a.T[None]), (lambda r: r[0].T)
-    return _Layer(node.name, node.op_type, node.input[0], node.input[1], w.shape, to_rows, from_rows, unfold, k, 1)
+    return _Layer(node.name, node.input[0], node.input[1], to_rows, from_rows, unfold, k, 1)
 
 
 def _layers(model: onnx.ModelProto, skip: Iterable[str]) -> Tuple[List[_Layer], Dict[str, str]]:
@@ -260,8 +257,8 @@ def gptq_round(w_rows, h, damp: float = DAMP, grid: str = "onnx"):
 
     w = torch.as_tensor(w_rows, dtype=torch.float64).clone()
     g, r, d = w.shape
-    scale, k_lo, k_hi = (t[..., 0] for t in _grid(w, grid)[:3])
-    pin = _grid(w, grid)[3]
+    scale, k_lo, k_hi, pin = _grid(w, grid)
+    scale, k_lo, k_hi = scale[..., 0], k_lo[..., 0], k_hi[..., 0]
     orig = w.clone()
     h = torch.as_tensor(h, dtype=torch.float64).clone()
     diag = h.diagonal(dim1=-2, dim2=-1)
@@ -343,7 +340,7 @@ def _torch_layer(name: str, mod) -> Optional[_Layer]:
     w = mod.weight.detach()
     if isinstance(mod, nn.Linear):
         k = w.shape[1]
-        return _Layer(name, "Linear", name, name, tuple(w.shape), to_rows=lambda a: a[None], from_rows=lambda r: r[0],
+        return _Layer(name, name, name, to_rows=lambda a: a[None], from_rows=lambda r: r[0],
                       unfold=lambda x: x.reshape(-1, k)[None], columns=k, groups=1)
     if not isinstance(mod, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
         return None
@@ -357,7 +354,7 @@ def _torch_layer(name: str, mod) -> Optional[_Layer]:
         n, _, L = p.shape
         return p.reshape(n, g, cols, L).permute(1, 0, 3, 2).reshape(g, n * L, cols)
 
-    return _Layer(name, "Conv2d", name, name, tuple(w.shape), to_rows=lambda a: a.reshape(g, cout // g, cols),
+    return _Layer(name, name, name, to_rows=lambda a: a.reshape(g, cout // g, cols),
                   from_rows=lambda r: r.reshape(w.shape), unfold=unfold, columns=cols, groups=g)
 
 

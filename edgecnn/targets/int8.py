@@ -1,6 +1,7 @@
-"""INT8 for a target: prepare -> ranges (cached) -> recipe + sensitivity fallback -> op report -> FP32 vs
-INT8 latency side by side. Recipe-agnostic: the ONNX target passes ``exporters.quant_ort``; a TensorRT
-target can pass its own recipe (same ``quantize(fp32, out, ranges, nodes_to_exclude)`` contract).
+"""INT8 for a target: prepare -> weight rounding (``exporters.weight_rounding``) -> bias correction -> ranges
+(cached) -> recipe + sensitivity fallback -> op report -> FP32 vs INT8 latency side by side. Recipe-agnostic:
+the ONNX target passes ``exporters.quant_ort``; a TensorRT target can pass its own recipe (same
+``quantize(fp32, out, ranges, nodes_to_exclude)`` contract).
 
 Calibration uses ``ctx.calib``'s calibration split only; the fallback's probe images also come from it,
 so the pipeline's parity gate on the held-out split judges the result on images nothing here has seen.
@@ -186,7 +187,9 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
                         work: Path, defaults_out: Optional[Path] = None) -> dict:
     """Quantize ``fp32_path`` into ``out_path`` with ``recipe_module`` (prepare/quantize/default_exclusions/
     quantizable_nodes/op_report); returns the manifest's ``recipe`` block. When the fallback keeps layers
-    float and ``defaults_out`` is given, the recipe-defaults model (no fallback) is written there too."""
+    float and ``defaults_out`` is given, the recipe-defaults model (no fallback) is written there too.
+    The weight rounding aims at onnxruntime's weight grid (symmetric per-channel amax/127), which is what
+    every Q/DQ recipe here quantizes with."""
     from calibration import CalibrationError
 
     method = calib_method(ctx)
