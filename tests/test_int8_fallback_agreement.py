@@ -150,3 +150,23 @@ def test_fallback_stops_at_the_speed_floor(squeeze, tmp_path):
     last = res.steps[-1]
     assert not last["kept"] and last["speedup_vs_fp32"] < 1.999
     assert len([s for s in res.steps if "speedup_vs_fp32" in s]) == 1, "the search stops at the first too-slow step"
+
+
+def test_near_tie_flips_are_counted_and_named_in_the_int8_reason():
+    """A flip whose FP32 top-1/top-2 gap is under twice the image's logit error is a near-tie; a flip on a
+    clear winner is not. Both count against the gate; the reason says how many were near-ties."""
+    from edgecnn.validate import metrics
+
+    ref = np.zeros((4, 10))
+    ref[:, 0] = 5.0
+    ref[0, 1] = 4.99   # image 0: a near-tie between classes 0 and 1
+    out = ref.copy()
+    out[0, 1] += 0.05  # a small error flips it
+    out[1, 3] = 5.5    # image 1: an error on one logit flips a clear winner (gap 5 > 2 x RMS error 1.74)
+    assert quant_fallback.near_tie_flips(ref, out).tolist() == [True, False, False, False]
+    p = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=True)
+    assert (p.flips, p.flips_near_tie, p.passed) == (2, 1, False)
+    assert "2 flips, 1 of them near-ties" in p.reason
+    assert quant_fallback.compare(out, ref).flips_low_margin == 1
+    clean = metrics.apply_gate(metrics.compare(ref, ref), "int8", trained=True)
+    assert (clean.flips, clean.flips_near_tie, clean.passed) == (0, 0, True)

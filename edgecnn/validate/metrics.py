@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from exporters.quant_fallback import near_tie_flips
+
 FP32_MAX_REL_ERROR = 1e-4
 FP16_MIN_COSINE = 0.999
 INT8_MIN_AGREEMENT = 0.99
@@ -35,6 +37,10 @@ class Parity:
     # logits decide it (random-init MobileNetV3-small INT8: 7.1 dB pooled, one crop holding half the error
     # energy; median per image 17.3 dB) — a diagnostic; the gate stays on the pooled figure
     median_image_sqnr_db: Optional[float] = None
+    # top-1 flips, and how many of them are near-ties (``exporters.quant_fallback.near_tie_flips``: the FP32
+    # top-1/top-2 gap under twice the image's RMS logit error) — a diagnostic; the gate counts every flip
+    flips: Optional[int] = None
+    flips_near_tie: Optional[int] = None
     fp32_noise_floor: Optional[float] = None   # torch FP32 vs torch FP64 relative error on the same inputs
     fp32_error_vs_fp64: Optional[float] = None  # the artefact vs torch FP64, on the same inputs
     ref_accuracy: Optional[float] = None
@@ -81,7 +87,8 @@ def compare(ref: np.ndarray, out: np.ndarray, *, labels: Optional[Sequence[int]]
     p = Parity(samples=len(ref), max_abs_error=float(err.max()), mean_abs_error=float(err.mean()),
                max_rel_error=float(err.max()) / scale, cosine=float(cos.mean()), min_cosine=float(cos.min()),
                sqnr_db=sqnr, top1_agreement=agree, top5_overlap=overlap, ref_top1_in_top5=in5, nonfinite=nonfinite,
-               median_image_sqnr_db=float(np.clip(np.median(per_image), -999.0, 999.0)))
+               median_image_sqnr_db=float(np.clip(np.median(per_image), -999.0, 999.0)),
+               flips=int((top_ref[:, 0] != top_out[:, 0]).sum()), flips_near_tie=int(near_tie_flips(ref, safe).sum()))
     if labels is not None:
         y = np.asarray(labels)
         p.ref_accuracy = float((top_ref[:, 0] == y).mean())
@@ -144,7 +151,11 @@ def _measured(p: Parity, precision: str) -> str:
         return f"max relative error {p.max_rel_error:.3g}"
     if precision == "fp16":
         return f"min cosine {p.min_cosine:.5f}"
-    pooled = f"top-1 agreement {p.top1_agreement:.1%}, SQNR {p.sqnr_db:.1f} dB"
+    pooled = f"top-1 agreement {p.top1_agreement:.1%}"
+    if p.flips and p.flips_near_tie:
+        pooled += (f" ({p.flips} flips, {p.flips_near_tie} of them near-ties: FP32 top-1/top-2 gap under twice the "
+                   "image's logit error)")
+    pooled += f", SQNR {p.sqnr_db:.1f} dB"
     if p.median_image_sqnr_db is not None and p.median_image_sqnr_db - p.sqnr_db >= 3.0:
         pooled += f" (median per image {p.median_image_sqnr_db:.1f} dB: a few images hold most of the error)"
     return pooled
