@@ -1,5 +1,5 @@
 """INT8 for a target: prepare -> weight rounding (``exporters.weight_rounding``) -> bias correction -> ranges
-(cached) -> recipe + sensitivity fallback -> op report -> FP32 vs INT8 latency side by side. Recipe-agnostic:
+(cached) -> empirical bias correction (``exporters.empirical_bias``) -> recipe + sensitivity fallback -> op report -> FP32 vs INT8 latency side by side. Recipe-agnostic:
 the ONNX target passes ``exporters.quant_ort``; a TensorRT target can pass its own recipe (same
 ``quantize(fp32, out, ranges, nodes_to_exclude)`` contract).
 
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from calibration.ranges import DEFAULT_METHOD, METHODS, channel_means, compute_ranges
-from exporters import quant_fallback, weight_rounding
+from exporters import empirical_bias, quant_fallback, weight_rounding
 
 from ..errors import UsageError
 from ..validate.metrics import INT8_RANDOM_MIN_SQNR_DB
@@ -35,6 +35,7 @@ MIN_SPEEDUP = 1.1    # float layers may not take INT8 below this speed-up over F
 AGREEMENT_MARGIN = 0.5  # trained weights: aim the probe at gate + this share of (1 - gate)
 WEIGHT_ROUNDING = ("gptq", "nearest")
 PROBE_FRACTION = 0.5  # of the calibration groups, held out from the search's range fitting as its probe
+EMPIRICAL_BIAS_IMAGES = 128  # calibration images the empirical bias correction measures output means on
 
 
 def calib_method(ctx: BuildContext) -> str:
@@ -241,6 +242,16 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         candidates=recipe_module.quantizable_nodes(prepared), base_exclude=base, **fallback_options(ctx))
     if searched is not ranges:  # the artefact: the chosen float layers, ranges of the whole calibration split
         result.info = run_recipe(os.fspath(prepared), os.fspath(out_path), ranges, list(result.excluded))
+    empirical = None
+    if corrected and ctx.options.extra.get("empirical_bias_correction", True):
+        # for the layers the fallback chose: the shifts depend on which layers stay float
+        empirical = empirical_bias.correct(
+            os.fspath(prepared), os.fspath(uncorrected), run_recipe, ranges, list(result.excluded),
+            ctx.calib.array("calib", limit=EMPIRICAL_BIAS_IMAGES), say=ctx.say)
+        ctx.say(f"empirical bias correction: {empirical.convs} Convs, calibration SQNR {empirical.sqnr_db_before:.1f} -> "
+                f"{empirical.sqnr_db_after:.1f} dB (pass {empirical.best_pass} of {empirical.passes}) in {empirical.seconds:.0f} s")
+        if empirical.best_pass:
+            result.info = run_recipe(os.fspath(prepared), os.fspath(out_path), ranges, list(result.excluded))
     if defaults_out is not None and len(result.excluded) > len(base):
         # the recipe-defaults model, so the target can time what the layers kept float cost in speed
         run_recipe(os.fspath(prepared), os.fspath(defaults_out), ranges, list(base))
@@ -251,6 +262,7 @@ def quantize_for_target(ctx: BuildContext, fp32_path: Path, out_path: Path, *, r
         "bias_correction": {"convs": corrected, "method": "b -= (Wq - W)·E[x] per output channel, E[x] from the "
                                                           "calibration split; undone for layers kept float"}
         if corrected else None,
+        "empirical_bias_correction": empirical.to_dict() if empirical else None,
         "weight_rounding": rounding.to_dict() if rounding else {"method": "nearest"},
         "kernels": report,
         "fallback": fallback_block(ctx, result, data),
