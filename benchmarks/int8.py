@@ -1,8 +1,8 @@
 """INT8 (ort recipe) vs FP32 on onnxruntime CPU, measured side by side in one run.
 
 For each focus net: export FP32 ONNX, prepare + weight rounding (GPTQ) + bias correction + calibrate (minmax, calibration split of the
-bundled sample photos) + quantize with the ort recipe's defaults (no fallback search: that is the pipeline's
-job), then
+bundled sample photos) + empirical bias correction + quantize with the ort recipe's defaults (no fallback
+search: that is the pipeline's job), then
 time FP32 and INT8 alternately at batch 1 with 1 and 2 threads, and score INT8 against FP32 on the held-out
 photos. Random-init nets get BatchNorm re-estimated first (as the pipeline does); their label agreement is
 printed but not meaningful (marked "random").
@@ -31,7 +31,7 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     from calibration.ranges import channel_means, compute_ranges
     from edgecnn import weights, zoo
     from edgecnn.targets.int8 import side_by_side_latency
-    from exporters import quant_fallback, quant_ort, weight_rounding
+    from exporters import empirical_bias, quant_fallback, quant_ort, weight_rounding
     from exporters.onnx import export_onnx
 
     entry = zoo.resolve(arch)
@@ -50,6 +50,8 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     means = channel_means(prep, cs.iter_batches("calib", batch_size=16), quant_ort.bias_correction_inputs(prep))
     quant_ort.bias_correction(prep, prep, means, skip=base, original=original)
     ranges = compute_ranges(prep, lambda: cs.iter_batches("calib", batch_size=16), "minmax", cache_dir=False)
+    empirical_bias.correct(str(prep), str(original), quant_ort.quantize, ranges, list(base),
+                           cs.array("calib", limit=128))  # INT8 step 7 (keeps the best pass: never worse here)
     quant_ort.quantize(prep, int8, ranges, base)
     calib_s = time.perf_counter() - t0
     ev = cs.array("eval")
