@@ -7,7 +7,7 @@ time FP32 and INT8 alternately at batch 1 with 1 and 2 threads, and score INT8 a
 photos. Random-init nets get BatchNorm re-estimated first (as the pipeline does); their label agreement is
 printed but not meaningful (marked "random").
 
-    python benchmarks/int8.py [--nets a,b,c] [--calib-size 128] [--markdown]
+    python benchmarks/int8.py [--nets a,b,c] [--calib-size 128] [--eval-size 96]
 """
 from __future__ import annotations
 
