@@ -38,7 +38,9 @@ def test_efficientnet_lite0_int8_on_held_out_photos(tmp_path, monkeypatch):
           r["fallback"]["agreement_after"])
     # what this recipe reliably achieves (measured with the float-layer fallback: agreement 89-94%, in-top-5
     # 100%, cosine 0.998-0.999; with mse ranges, the probe of unseen calibration photos and the weight
-    # rounding: 93.8%, 7 float, cosine 0.9991, 1.02x FP32 -- before the rounding 92.7% with 5 float)
+    # rounding: 93.8%, 7 float, cosine 0.9991, 1.02x FP32 -- before the rounding 92.7% with 5 float; with the
+    # empirical bias correction: 90.6%, 6 float, cosine 0.9992, SQNR 28.1 dB (the best yet), 1.36x FP32 --
+    # fewer near-tie crops land on FP32's side although the error is smaller)
     assert p["ref_top1_in_top5"] >= 0.99, p
     assert p["cosine"] >= 0.995, p
     # the fallback's float layers cost speed; its floor (1.1x on a quick timing) keeps INT8 faster than FP32
@@ -85,7 +87,8 @@ def _check_fmnist(m: dict) -> None:
 
 # In every CI run (~45 s with the trained nets cached; training them once costs ~4 min of CPU).
 # mobilenet_v2 was the known miss (98.75%, 5 flips of 400) until the error-compensated weight rounding
-# (exporters/weight_rounding.py): measured 99.5% with 11 layers float, accuracy +0.25 pt. The rounding alone
+# (exporters/weight_rounding.py): measured 99.5% with 11 layers float, accuracy +0.25 pt; with the empirical
+# bias correction 99.75% (1 flip, a near-tie), 36.2 dB, 11 layers float. The rounding alone
 # does not do it (98.0% without the fallback, nearest rounding 98.75%): with it the fallback's probe of
 # unseen calibration images reads 98.4% instead of 100%, so the search runs and finds the layers to keep float.
 # On a larger sample it is still short: 98.93% on 1,500 held-out test images (15 layers float, ranked layers
@@ -96,8 +99,9 @@ def test_fmnist_int8_agreement_and_accuracy(arch, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 93.0% agreement < 99% (accuracy 80.25% vs FP32 80.5%) with 25 "
-                                       "layers float (fallback stopped: ranked layers exhausted, 238 s)")
+@pytest.mark.xfail(strict=True, reason="measured 92.75% agreement < 99% (29 flips, 26 near-ties; accuracy 81.75% vs "
+                                       "FP32 80.5%) with 25 layers float (ranked layers exhausted); every Conv float "
+                                       "still gives only 97.5% (README, INT8: where it falls short)")
 def test_fmnist_efficientnet_b0_int8_with_fallback(tmp_path, monkeypatch):
     m = _fmnist_int8("efficientnet_b0", tmp_path, monkeypatch)
     _check_fmnist(m)
