@@ -1,6 +1,7 @@
 """INT8 for a target: prepare -> weight rounding (``exporters.weight_rounding``) -> bias correction -> ranges
-(cached) -> empirical bias correction (``exporters.empirical_bias``) -> recipe + sensitivity fallback -> op report -> FP32 vs INT8 latency side by side. Recipe-agnostic:
-the ONNX target passes ``exporters.quant_ort``; a TensorRT target can pass its own recipe (same
+(cached) -> recipe + sensitivity fallback -> empirical bias correction for the layers left INT8
+(``exporters.empirical_bias``; recipes with bias correction) -> op report -> FP32 vs INT8 latency side by
+side. Recipe-agnostic: the ONNX target passes ``exporters.quant_ort``; a TensorRT target can pass its own recipe (same
 ``quantize(fp32, out, ranges, nodes_to_exclude)`` contract).
 
 Calibration uses ``ctx.calib``'s calibration split only; the fallback's probe images also come from it,
