@@ -31,7 +31,19 @@ help:
 	@echo "make matrix [ARCHS=...] [TARGETS=...] [PRECISIONS=...] [WEIGHTS=auto] [JOBS=n] [EXTRA=--update-scorecard]"
 	@echo "make test (default suite)   make test-all (adds slow cases)   make bench   make clean"
 
+# The venv takes ~6.2 GB: the only torch 2.14 on this machine's disk is the CUDA build (its NVIDIA
+# libraries are 3.2 GB, needed even to import it on a CPU). Check the room first, so that a full disk
+# stops here with a sentence instead of half-way through pip with "[Errno 28] No space left on device".
+# MIN_FREE_GB=0 skips the check.
+MIN_FREE_GB ?= 7
+
 $(STAMP): pyproject.toml
+	@free_gb=$$(df -P -k . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ -n "$$free_gb" ] && [ ! -f $(STAMP) ] && [ "$$free_gb" -lt "$(MIN_FREE_GB)" ]; then \
+		echo "error: only $$free_gb GB free on the disk holding $$(pwd); installing .venv needs about $(MIN_FREE_GB) GB"; \
+		echo "       (torch with its CUDA libraries is 5.5 GB, the rest 0.7 GB). Free some space, or set MIN_FREE_GB=0 to try anyway."; \
+		exit 1; \
+	fi
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision first, from the wheels this machine serves (a CPU/CUDA build lies on its disk)
