@@ -48,7 +48,12 @@ def _seconds(text: str) -> float:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export an architecture to a validated artefact")
+    from .target_options import TARGET_OPTIONS
+
+    epilog = "target options (--target-option KEY=VALUE; bool: true|false, list: comma separated):\n" + "\n".join(
+        f"  {key:<27} {kind:<5} {text}" for key, (kind, text) in TARGET_OPTIONS.items())
+    p = sub.add_parser("export", help="export an architecture to a validated artefact", epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("arch", help="architecture name or alias (see `edgecnn list`)")
     p.add_argument("--target", "-t", default="onnx", help="onnx | trt | coreml (default onnx)")
     p.add_argument("--precision", "-p", default=None, help="fp32 | fp16 | int8 (default: fp32; coreml fp16)")
@@ -90,6 +95,9 @@ def _add_export(sub) -> None:
                         "nearest = plain rounding")
     p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
                    help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
+    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a target option without a flag of its own (listed below); repeatable; applied after "
+                        "the flags above, so it wins over them")
     p.add_argument("--lock-timeout", type=_seconds, default=600.0, help="seconds to wait for another export of the same bundle")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
@@ -124,6 +132,7 @@ def _input_override(args):
 
 def _cmd_export(args) -> int:
     from .pipeline import export
+    from .target_options import parse_target_options
     from .targets import ExportOptions
 
     target = args.target
@@ -133,7 +142,8 @@ def _cmd_export(args) -> int:
                             latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
                             extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback,
                                    "weight_rounding": args.weight_rounding,
-                                   **({"ios": args.ios} if args.ios is not None else {})})
+                                   **({"ios": args.ios} if args.ios is not None else {}),
+                                   **parse_target_options(args.target_option)})
     result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet,

@@ -54,7 +54,8 @@ def register(sub) -> dict:
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--int8-min-agreement", type=float, default=0.99)
     p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a target-specific export option (ExportOptions.extra), e.g. ios=17; repeatable")
+                   help="a target option (ExportOptions.extra), e.g. ios=17 or empirical_bias_correction=false; repeatable; "
+                        "`edgecnn export --help` lists them")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display (the summary line still prints)")
     return {"matrix": _cmd_matrix}
 
@@ -63,16 +64,12 @@ def _cmd_matrix(args) -> int:
     from .errors import GateFailed, UsageError
     from .matrix.defaults import DEFAULT_ARCHS, DEFAULT_PRECISIONS, DEFAULT_TARGETS
     from .matrix.run import MatrixConfig, run_matrix
+    from .target_options import parse_target_options
     from .targets import ExportOptions
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (got {args.jobs})")
-    extra = {}
-    for item in args.target_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--target-option {item!r} is not KEY=VALUE", hint="e.g. --target-option ios=17")
-        extra[key.strip()] = _parse_value(value.strip())
+    extra = parse_target_options(args.target_option)
     options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
                             latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement, extra=extra)
@@ -106,16 +103,3 @@ def _cmd_matrix(args) -> int:
         raise GateFailed(f"{len(failed)} cell(s) failed: " + "; ".join(f"{r.id}: {r.reason}" for r in failed[:5])
                          + (" …" if len(failed) > 5 else ""))
     return 0
-
-
-def _parse_value(text: str):
-    """'17' -> 17, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
