@@ -28,6 +28,7 @@ from . import artefact, targets, weights as weights_mod, zoo
 from .errors import GateFailed, InputError, OutputError, ToolchainError, UsageError
 from .progress import Progress
 from .targets import BuildContext, ExportOptions
+from .target_options import check_known
 from .validate import REFERENCE_FILE, check_parity, fp64_outputs, measure_latency, torch_reference
 from .versions import edgecnn_version, toolchain
 
@@ -121,6 +122,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
     t_start = time.perf_counter()
     say = Progress(quiet=quiet)
     options = options or ExportOptions()
+    check_known(options.extra)
     try:
         entry = zoo.resolve(arch)
     except zoo.UnknownArchError as exc:

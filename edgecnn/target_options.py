@@ -73,6 +73,19 @@ def parse_value(key: str, text: str) -> Any:
     return text
 
 
+def _unknown(key: str):
+    close = difflib.get_close_matches(key, TARGET_OPTIONS, n=3, cutoff=0.5)
+    return _usage_error(f"unknown target option {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
+                        "`edgecnn export --help` lists the target options")
+
+
+def check_known(options: Dict[str, Any]) -> None:
+    """Refuse a key no target reads (``ExportOptions.extra`` built in Python, not parsed from the CLI)."""
+    for key in options:
+        if key not in TARGET_OPTIONS:
+            raise _unknown(key)
+
+
 def parse_target_options(items: Iterable[str]) -> Dict[str, Any]:
     """``["ios=17", "empirical_bias_correction=false"]`` -> ``{"ios": 17, "empirical_bias_correction": False}``;
     a malformed item or an unknown key is one usage error that names the closest known keys."""
@@ -83,8 +96,6 @@ def parse_target_options(items: Iterable[str]) -> Dict[str, Any]:
         if not sep or not key:
             raise _usage_error(f"--target-option {item!r} is not KEY=VALUE", "e.g. --target-option ios=17")
         if key not in TARGET_OPTIONS:
-            close = difflib.get_close_matches(key, TARGET_OPTIONS, n=3, cutoff=0.5)
-            raise _usage_error(f"unknown target option {key!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
-                               "`edgecnn export --help` lists the target options")
+            raise _unknown(key)
         options[key] = parse_value(key, value)
     return options

@@ -74,3 +74,13 @@ def test_export_target_options_reach_the_recipe_and_win_over_flags(tmp_path, mon
     recipe = json.loads(capsys.readouterr().out)["recipe"]
     assert recipe["empirical_bias_correction"] is None           # on by default (test_empirical_bias.py)
     assert recipe["weight_rounding"] == {"method": "nearest"}    # the option wins over --weight-rounding
+
+
+def test_the_python_api_refuses_an_unknown_option_too(tmp_path):
+    from edgecnn import pipeline
+    from edgecnn.targets import ExportOptions
+
+    with pytest.raises(UsageError, match="did you mean int8_min_speedup"):
+        pipeline.export("lenet5", "onnx", "int8", "none", None, tmp_path / "a", quiet=True,
+                        options=ExportOptions(extra={"int8_min_sppedup": 1.2}))
+    assert not (tmp_path / "a").exists()
