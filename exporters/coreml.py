@@ -210,7 +210,7 @@ def prepare_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *
         quantizer.step()
         prepared.eval()
         seen = 0
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():   # the observed min/max must not depend on the thread count
             for batch in calib_batches:
                 if seen >= max_images:
                     break
@@ -257,6 +257,24 @@ def _trace(module, example):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
         return torch.jit.trace(module.eval(), example, check_trace=False)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one thread inside. Why: oneDNN picks its blocking by thread count, so a convolution's
+    last bits, and hence an observed activation min/max, can differ between 1 and 2 threads (seen here on
+    EfficientNet-Lite0: 3 of 110 ranges, 1e-7 relative). A range that moves by one bit moves a scale and
+    a zero point, and the W8A8 fallback's greedy search then ranks near-equal blocks differently: the
+    same export chose other float blocks (held-out SQNR 23.5 vs 26.7 dB) under ``OMP_NUM_THREADS=1``.
+    Calibration is a few forward passes, so one thread costs little (Lite0, 100 images: ~1 s more)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
