@@ -29,6 +29,7 @@ import ctypes.util
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -550,7 +551,14 @@ def compare(ref, out):
     if ref.shape[1] > 1:  # as exporters/quant_fallback.py near_tie_flips: gap under twice the image's RMS error
         top2 = np.sort(ref, axis=1)[:, -2:]
         near_tie = int((flipped & (top2[:, 1] - top2[:, 0] < 2 * np.sqrt(((safe - ref) ** 2).mean(1)))).sum())
+    hits = int((~flipped).sum())   # Wilson 95% interval, as edgecnn/validate/metrics.py wilson_interval
+    z, n = 1.96, len(ref)
+    p1 = hits / float(n)
+    denom = 1.0 + z * z / n
+    centre = (p1 + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p1 * (1 - p1) / n + z * z / (4.0 * n * n)) / denom
     return {"median_image_sqnr_db": float(np.clip(np.median(per_image), -999.0, 999.0)),
+            "top1_agreement_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
             "samples": len(ref), "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
             "max_rel_error": float(err.max()) / scale, "cosine": float(cos.mean()), "min_cosine": float(cos.min()),
             "sqnr_db": sqnr, "top1_agreement": float((top_ref[:, 0] == top_out[:, 0]).mean()),
@@ -582,6 +590,9 @@ def gate(p, precision, trained, min_agreement=INT8_MIN_AGREEMENT):
             p["gate"] = "SQNR >= %g dB (random-init weights: agreement not judged)" % INT8_RANDOM_MIN_SQNR_DB
             p["passed"] = p["sqnr_db"] >= INT8_RANDOM_MIN_SQNR_DB
         measured = "top-1 agreement %.1f%%" % (p["top1_agreement"] * 100)
+        if p.get("top1_agreement_ci95") and p.get("samples"):
+            measured += " of %d images (95%% interval %.1f%%–%.1f%%)" % (
+                p["samples"], p["top1_agreement_ci95"][0] * 100, p["top1_agreement_ci95"][1] * 100)
         if p.get("flips") and p.get("flips_near_tie"):
             measured += (" (%d flips, %d of them near-ties: FP32 top-1/top-2 gap under twice the image's logit error)"
                          % (p["flips"], p["flips_near_tie"]))

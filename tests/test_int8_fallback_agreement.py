@@ -170,3 +170,25 @@ def test_near_tie_flips_are_counted_and_named_in_the_int8_reason():
     assert quant_fallback.compare(out, ref).flips_low_margin == 1
     clean = metrics.apply_gate(metrics.compare(ref, ref), "int8", trained=True)
     assert (clean.flips, clean.flips_near_tie, clean.passed) == (0, 0, True)
+
+
+def test_agreement_carries_its_wilson_interval_on_both_sides():
+    """92 of 96 is "95.8%", but the count is as likely from ~90-98%: the manifest and the reason say so."""
+    from scipy.stats import binomtest
+
+    from edgecnn.validate import metrics
+    from exporters import trt_device as td
+
+    for hits, n in ((92, 96), (96, 96), (0, 10), (1, 1)):
+        ours = metrics.wilson_interval(hits, n)
+        scipy_ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert ours == pytest.approx([scipy_ci.low, scipy_ci.high], abs=2e-4), (hits, n)
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((96, 10))
+    out = ref.copy()
+    out[:4] = ref[:4] * -1                                        # 4 flips
+    p = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=True)
+    assert p.flips == 4 and p.top1_agreement_ci95 == pytest.approx([0.8977, 0.9837], abs=1e-4)
+    assert "of 96 images (95% interval 89.8%–98.4%)" in p.reason
+    assert td.gate(td.compare(ref, out), "int8", True)["reason"] == p.reason
+    assert p.to_dict()["top1_agreement_ci95"] == [0.8977, 0.9837]

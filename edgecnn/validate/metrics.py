@@ -20,6 +20,22 @@ INT8_MIN_AGREEMENT = 0.99
 INT8_RANDOM_MIN_SQNR_DB = 10.0  # structure check only for random-init nets
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> list:
+    """The 95% Wilson score interval of a proportion ``hits / n``, as ``[low, high]``.
+
+    Why: the INT8 gate reads top-1 agreement on ~100 held-out images, where one flip is a whole point;
+    92 of 96 is "95.8%", but anything from ~90% to ~98% would give such a count. Reported beside the
+    figure, never used by the gate. Wilson, not the normal approximation: it stays inside [0, 1] and
+    is not zero-width at 96/96."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = hits / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 @dataclass
 class Parity:
     samples: int
@@ -41,6 +57,7 @@ class Parity:
     # top-1/top-2 gap under twice the image's RMS logit error) — a diagnostic; the gate counts every flip
     flips: Optional[int] = None
     flips_near_tie: Optional[int] = None
+    top1_agreement_ci95: Optional[list] = None   # Wilson 95% interval of top1_agreement (``wilson_interval``)
     fp32_noise_floor: Optional[float] = None   # torch FP32 vs torch FP64 relative error on the same inputs
     fp32_error_vs_fp64: Optional[float] = None  # the artefact vs torch FP64, on the same inputs
     ref_accuracy: Optional[float] = None
@@ -56,6 +73,8 @@ class Parity:
         for k, v in d.items():
             if isinstance(v, float):
                 d[k] = float(f"{v:.6g}")
+            elif k == "top1_agreement_ci95" and v is not None:
+                d[k] = [float(f"{x:.4g}") for x in v]
         return d
 
 
@@ -88,7 +107,8 @@ def compare(ref: np.ndarray, out: np.ndarray, *, labels: Optional[Sequence[int]]
                max_rel_error=float(err.max()) / scale, cosine=float(cos.mean()), min_cosine=float(cos.min()),
                sqnr_db=sqnr, top1_agreement=agree, top5_overlap=overlap, ref_top1_in_top5=in5, nonfinite=nonfinite,
                median_image_sqnr_db=float(np.clip(np.median(per_image), -999.0, 999.0)),
-               flips=int((top_ref[:, 0] != top_out[:, 0]).sum()), flips_near_tie=int(near_tie_flips(ref, safe).sum()))
+               flips=int((top_ref[:, 0] != top_out[:, 0]).sum()), flips_near_tie=int(near_tie_flips(ref, safe).sum()),
+               top1_agreement_ci95=wilson_interval(int((top_ref[:, 0] == top_out[:, 0]).sum()), len(ref)))
     if labels is not None:
         y = np.asarray(labels)
         p.ref_accuracy = float((top_ref[:, 0] == y).mean())
@@ -152,6 +172,9 @@ def _measured(p: Parity, precision: str) -> str:
     if precision == "fp16":
         return f"min cosine {p.min_cosine:.5f}"
     pooled = f"top-1 agreement {p.top1_agreement:.1%}"
+    if p.top1_agreement_ci95 and p.samples:
+        lo, hi = p.top1_agreement_ci95
+        pooled += f" of {p.samples} images (95% interval {lo:.1%}–{hi:.1%})"
     if p.flips and p.flips_near_tie:
         pooled += (f" ({p.flips} flips, {p.flips_near_tie} of them near-ties: FP32 top-1/top-2 gap under twice the "
                    "image's logit error)")
