@@ -53,8 +53,8 @@ def _usage_error(message: str, hint: str):
 
 
 def parse_value(key: str, text: str) -> Any:
-    """The value of one option as its kind says. Numbers that do not parse stay strings here:
-    ``ExportOptions.number`` refuses them with the option's name where the target reads them."""
+    """The value of one option as its kind says, or one usage error naming the option. (Options built in
+    Python skip this; ``ExportOptions.number`` refuses a non-number where a target reads it.)"""
     kind = TARGET_OPTIONS[key][0]
     text = text.strip()
     if kind == "bool":
@@ -65,11 +65,12 @@ def parse_value(key: str, text: str) -> Any:
     if kind == "list":
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind in ("int", "float"):
-        for cast in (int, float) if kind == "int" else (float,):
-            try:
-                return cast(text)
-            except ValueError:
-                pass
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise _usage_error(f"target option {key}={text!r} is not a {'whole ' if kind == 'int' else ''}number",
+                               f"e.g. --target-option {key}={'17' if key == 'ios' else '4' if kind == 'int' else '1.1'}"
+                               ) from None
     return text
 
 
