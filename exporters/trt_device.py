@@ -589,13 +589,16 @@ def gate(p, precision, trained, min_agreement=INT8_MIN_AGREEMENT):
         else:
             p["gate"] = "SQNR >= %g dB (random-init weights: agreement not judged)" % INT8_RANDOM_MIN_SQNR_DB
             p["passed"] = p["sqnr_db"] >= INT8_RANDOM_MIN_SQNR_DB
-        measured = "top-1 agreement %.1f%%" % (p["top1_agreement"] * 100)
-        if p.get("top1_agreement_ci95") and p.get("samples"):
-            measured += " of %d images (95%% interval %.1f%%–%.1f%%)" % (
-                p["samples"], p["top1_agreement_ci95"][0] * 100, p["top1_agreement_ci95"][1] * 100)
+        measured = "top-1 agreement %.1f%% of %d images" % (p["top1_agreement"] * 100, p["samples"])
+        notes = []
+        if p.get("top1_agreement_ci95"):
+            notes.append("95%% interval %.1f%%–%.1f%%" % (p["top1_agreement_ci95"][0] * 100,
+                                                          p["top1_agreement_ci95"][1] * 100))
         if p.get("flips") and p.get("flips_near_tie"):
-            measured += (" (%d flips, %d of them near-ties: FP32 top-1/top-2 gap under twice the image's logit error)"
+            notes.append("%d flips, %d of them near-ties: FP32 top-1/top-2 gap under twice the image's logit error"
                          % (p["flips"], p["flips_near_tie"]))
+        if notes:
+            measured += " (%s)" % "; ".join(notes)
         measured += ", SQNR %.1f dB" % p["sqnr_db"]
         if p.get("median_image_sqnr_db") is not None and p["median_image_sqnr_db"] - p["sqnr_db"] >= 3.0:
             measured += " (median per image %.1f dB: a few images hold most of the error)" % p["median_image_sqnr_db"]

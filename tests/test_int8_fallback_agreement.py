@@ -189,6 +189,6 @@ def test_agreement_carries_its_wilson_interval_on_both_sides():
     out[:4] = ref[:4] * -1                                        # 4 flips
     p = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=True)
     assert p.flips == 4 and p.top1_agreement_ci95 == pytest.approx([0.8977, 0.9837], abs=1e-4)
-    assert "of 96 images (95% interval 89.8%–98.4%)" in p.reason
+    assert "of 96 images (95% interval 89.8%–98.4%" in p.reason
     assert td.gate(td.compare(ref, out), "int8", True)["reason"] == p.reason
     assert p.to_dict()["top1_agreement_ci95"] == [0.8977, 0.9837]

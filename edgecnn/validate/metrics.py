@@ -171,13 +171,15 @@ def _measured(p: Parity, precision: str) -> str:
         return f"max relative error {p.max_rel_error:.3g}"
     if precision == "fp16":
         return f"min cosine {p.min_cosine:.5f}"
-    pooled = f"top-1 agreement {p.top1_agreement:.1%}"
-    if p.top1_agreement_ci95 and p.samples:
-        lo, hi = p.top1_agreement_ci95
-        pooled += f" of {p.samples} images (95% interval {lo:.1%}–{hi:.1%})"
+    pooled = f"top-1 agreement {p.top1_agreement:.1%} of {p.samples} images"
+    notes = []
+    if p.top1_agreement_ci95:
+        notes.append(f"95% interval {p.top1_agreement_ci95[0]:.1%}–{p.top1_agreement_ci95[1]:.1%}")
     if p.flips and p.flips_near_tie:
-        pooled += (f" ({p.flips} flips, {p.flips_near_tie} of them near-ties: FP32 top-1/top-2 gap under twice the "
-                   "image's logit error)")
+        notes.append(f"{p.flips} flips, {p.flips_near_tie} of them near-ties: FP32 top-1/top-2 gap under twice the "
+                     "image's logit error")
+    if notes:
+        pooled += f" ({'; '.join(notes)})"
     pooled += f", SQNR {p.sqnr_db:.1f} dB"
     if p.median_image_sqnr_db is not None and p.median_image_sqnr_db - p.sqnr_db >= 3.0:
         pooled += f" (median per image {p.median_image_sqnr_db:.1f} dB: a few images hold most of the error)"
