@@ -215,6 +215,18 @@ def test_option_zero_threads(work):
     check("option_zero_threads", *run_main(export_args(work, "--threads", "0")))
 
 
+def test_target_option_misspelt(work):
+    check("target_option_misspelt", *run_main(export_args(work, "--target-option", "empirical_bias_corection=false")))
+
+
+def test_target_option_not_bool(work):
+    check("target_option_not_bool", *run_main(export_args(work, "--target-option", "int8_fallback=maybe")))
+
+
+def test_target_option_not_number(work):
+    check("target_option_not_number", *run_main(export_args(work, "--target-option", "ios=seventeen")))
+
+
 def test_opset_out_of_range(work):
     check("opset_out_of_range", *run_main(export_args(work, "--opset", "99")))
 
