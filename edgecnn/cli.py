@@ -50,7 +50,7 @@ def _seconds(text: str) -> float:
 def _add_export(sub) -> None:
     from .target_options import TARGET_OPTIONS
 
-    epilog = "target options (--target-option KEY=VALUE; bool: true|false, list: comma separated):\n" + "\n".join(
+    epilog = "target options (--target-option KEY=VALUE; bool: true|false, yes|no, on|off or 1|0; list: comma separated):\n" + "\n".join(
         f"  {key:<27} {kind:<5} {text}" for key, (kind, text) in TARGET_OPTIONS.items())
     p = sub.add_parser("export", help="export an architecture to a validated artefact", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

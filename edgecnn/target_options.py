@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable
 # key: (kind, what it does). kind: bool | int | float | str | list (comma separated)
 TARGET_OPTIONS: Dict[str, tuple] = {
     # INT8, both Q/DQ recipes (onnx, trt)
-    "calib_method": ("str", "activation range estimation: minmax | percentile | entropy | mse (onnx int8)"),
+    "calib_method": ("str", "activation range estimation: minmax (default) | percentile | entropy | mse"),
     "weight_rounding": ("str", "INT8 weights: gptq (error-compensated, default) | nearest"),
     "bias_correction": ("bool", "analytic bias correction of the weights' rounding (default true)"),
     "empirical_bias_correction": ("bool", "INT8 step 7, ort recipe: damped empirical bias correction (default true)"),
@@ -28,16 +28,16 @@ TARGET_OPTIONS: Dict[str, tuple] = {
     "int8_probe_images": ("int", "fallback: most probe images (default 256)"),
     "int8_probe_split": ("bool", "fallback: probe on calibration images left out of the ranges (default true)"),
     "int8_sensitivity_seconds": ("float", "fallback: time budget of the per-layer sensitivity analysis (default 240)"),
-    "nodes_to_exclude": ("list", "ONNX node names to keep float from the start (comma separated)"),
+    "nodes_to_exclude": ("list", "ONNX node names to keep float from the start (comma separated; default none)"),
     # TensorRT bundle
     "trt_version": ("str", "TensorRT version written in the calibration-cache header (default 8.5.2)"),
     "range_method": ("str", "trt int8 activation ranges: minmax (default) | percentile | entropy | mse"),
     "trt_build": ("bool", "build the engine here when TensorRT is importable (default true)"),
     # Core ML
-    "ios": ("int", "Core ML deployment target: 16 | 17 | 18"),
+    "ios": ("int", "Core ML deployment target: 16 | 17 | 18 (default 16; 17 for int8 W8A8)"),
     "coreml_int8_scheme": ("str", "Core ML W8A8 activation scheme: affine (default) | symmetric"),
     "coreml_int8_fallback": ("bool", "Core ML int8: float fallback search (default true)"),
-    "coreml_keep_float": ("list", "Core ML int8: op names to keep float (comma separated; skips the search)"),
+    "coreml_keep_float": ("list", "Core ML int8: module names to keep float (comma separated; default none; skips the search)"),
     "coreml_fallback_probe": ("int", "Core ML int8: probe images of the fallback search (default 128)"),
     "coreml_fallback_max_float": ("float", "Core ML int8: at most this fraction of blocks float (default 0.5)"),
 }

@@ -56,11 +56,12 @@ def test_an_undamped_correction_diverges_and_the_best_pass_keeps_the_model_from_
     shutil.copyfile(unc, prep)
     rep = empirical_bias.correct(str(prep), str(unc), quant_ort.quantize, ranges, [], calib, passes=2, damp=1.0)
     print(rep.to_dict())
-    assert rep.sqnr_db_after >= rep.sqnr_db_before
-    if rep.best_pass == 0:  # every corrected pass was worse: the biases are back where they started
-        import onnx
-        from onnx import numpy_helper
+    # every full-strength pass made the calibration fit worse than no correction (measured here: the
+    # best pass is 0, 31.1 dB), so the kept biases are the original ones, bit for bit
+    assert rep.best_pass == 0 and rep.sqnr_db_after == rep.sqnr_db_before
+    import onnx
+    from onnx import numpy_helper
 
-        a = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prep)).graph.initializer}
-        b = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(unc)).graph.initializer}
-        assert all(np.array_equal(a[k], b[k]) for k in b)
+    a = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(prep)).graph.initializer}
+    b = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(unc)).graph.initializer}
+    assert all(np.array_equal(a[k], b[k]) for k in b)
