@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import write_result  # noqa: E402  (also puts the repository on sys.path)
 
 
 def main() -> int:
@@ -31,11 +31,10 @@ def main() -> int:
     import torch
 
     from edgecnn import weights as weights_mod, zoo
-    from edgecnn.runtimes.coreml_ref import CoreMLReferenceRunner
-    from edgecnn.runtimes.onnxruntime import OnnxRuntimeRunner
-    from edgecnn.validate.latency import machine_description
-    from exporters import coreml as ce
-    from exporters.onnx import export_onnx
+    from exporters.coreml import export as ce
+    from exporters.coreml.runner import CoreMLReferenceRunner
+    from exporters.onnx.export import export_onnx
+    from exporters.onnx.runner import OnnxRuntimeRunner
 
     entry = zoo.resolve(args.arch)
     model, _ = weights_mod.build(entry, "none")
@@ -62,16 +61,18 @@ def main() -> int:
                 times[name] += this
                 round_p50[name].append(float(np.median(this)))
     ratios = {k: np.asarray(v) / np.asarray(round_p50["onnxruntime fp32"]) for k, v in round_p50.items()}
-    print(f"{args.arch} {entry.spec.height}x{entry.spec.width}, batch 1, 1 thread, {args.rounds}x{args.runs} runs each, "
-          f"interleaved; machine: {machine_description().get('cpu') or 'cpu'}, load {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores (shared, noisy: read the ratio)")
-    print(f"{'runtime':<20} {'p50 ms':>9} {'p90 ms':>9} {'x onnxruntime':>14} {'rounds (min-max)':>18}")
+    lines = [f"{args.arch} {entry.spec.height}x{entry.spec.width}, batch 1, 1 thread, {args.rounds}x{args.runs} runs "
+             "each, interleaved (shared, noisy machine: read the ratio).", "",
+             "| runtime | p50 ms | p90 ms | x onnxruntime FP32 | rounds (min-max) |", "|---|---|---|---|---|"]
     for name, t in times.items():
-        p50, p90 = float(np.median(t)), float(np.percentile(t, 90))
         r = ratios[name]
-        print(f"{name:<20} {p50:9.2f} {p90:9.2f} {float(np.median(r)):13.2f}x {r.min():8.2f}-{r.max():.2f}x")
+        lines.append(f"| {name} | {float(np.median(t)):.2f} | {float(np.percentile(t, 90)):.2f} | "
+                     f"{float(np.median(r)):.2f}x | {r.min():.2f}-{r.max():.2f}x |")
     worst = max(float(np.median(r)) for k, r in ratios.items() if k.startswith("coreml"))
-    print(f"goal: reference executor <= 5x onnxruntime FP32 -> {'MET' if worst <= 5 else 'NOT MET'} ({worst:.2f}x)")
+    lines.append(f"\nGoal: the reference executor within 5x onnxruntime FP32: {'met' if worst <= 5 else 'NOT met'} "
+                 f"({worst:.2f}x).")
+    write_result("coreml_reference_executor_speed", "Core ML reference executor vs onnxruntime FP32", "\n".join(lines),
+                 "python benchmarks/coreml_ref.py " + " ".join(sys.argv[1:]))
     return 0
 
 

@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from .errors import IntegrityError, OutputError
-
-SCHEMA_VERSION = 1
+from .manifest import READABLE_VERSIONS, SCHEMA_VERSION, field_problems
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
 PREVIOUS_PREFIX = ".previous-"
@@ -58,12 +57,12 @@ def hash_tree(root: str | os.PathLike) -> Dict[str, dict]:
 def write_manifest(root: str | os.PathLike, manifest: dict) -> dict:
     """Hash every file, then write manifest.json (fsync'd) with ``files`` filled in."""
     manifest = dict(manifest)
-    manifest["schema_version"] = SCHEMA_VERSION
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
     manifest["files"] = hash_tree(root)
     path = Path(root) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False, default=_json_default)
+        json.dump(manifest, f, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -81,9 +80,6 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-REQUIRED_FIELDS = ("schema_version", "edgecnn_version", "arch", "target", "precision", "status", "input", "files")
-
-
 def read_manifest(root: str | os.PathLike) -> dict:
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
@@ -97,15 +93,17 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict):
         raise IntegrityError(f"{path} is not a JSON object")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise IntegrityError(f"{path}: unknown manifest schema version {version!r} (this edgecnn reads {SCHEMA_VERSION})",
+    if version not in READABLE_VERSIONS:
+        raise IntegrityError(f"{path}: unknown manifest schema version {version!r} (this edgecnn reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})",
                              hint="use the edgecnn version that wrote it, or re-export")
-    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    missing = [k for k in ("schema_version", "edgecnn_version", "arch", "target", "precision", "status", "input",
+                           "files") if k not in manifest]
     if missing:
         raise IntegrityError(f"{path}: manifest lacks {', '.join(missing)}")
-    wrong = _schema_problems(manifest)
+    wrong = field_problems(manifest) + _file_problems(manifest)
     if wrong:
-        raise IntegrityError(f"{path}: manifest does not follow schema {SCHEMA_VERSION}: " + "; ".join(wrong[:3]),
+        raise IntegrityError(f"{path}: manifest does not follow schema {version}: " + "; ".join(wrong[:3]),
                              hint="the manifest was edited or damaged; re-export or pull the artefact again")
     return manifest
 
@@ -113,20 +111,12 @@ def read_manifest(root: str | os.PathLike) -> dict:
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _schema_problems(manifest: dict) -> list:
-    """Types of the fields verify and the validator rely on (a wrong type must not become a traceback)."""
+def _file_problems(manifest: dict) -> list:
+    """The ``files`` table and ``model_file``: what verify and the validator rely on."""
     problems = []
-    for key in ("edgecnn_version", "arch", "target", "precision", "status"):
-        if not isinstance(manifest.get(key), str):
-            problems.append(f"{key} must be a string")
-    if manifest.get("status") not in ("validated", "pending", "failed", "building"):
-        problems.append(f"status {manifest.get('status')!r} is not validated, pending or failed")
-    if not isinstance(manifest.get("input"), dict):
-        problems.append("input must be an object")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        problems.append("files must be a non-empty object {path: {sha256, bytes}}")
-        return problems
+        return ["files must be a non-empty object {path: {sha256, bytes}}"]
     for rel, meta in files.items():
         if not isinstance(meta, dict) or not _HEX64.match(str(meta.get("sha256", ""))) \
                 or not isinstance(meta.get("bytes"), int):

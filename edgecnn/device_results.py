@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import artefact
 from .errors import GateFailed, InputError, IntegrityError, UsageError
-from .validate.metrics import Parity, apply_gate
+from exporters.parity import Parity, apply_gate
 
 RESULTS_SCHEMA = "edgecnn-trt-results/1"
 RESULTS_DIR = "device-results"
@@ -55,7 +55,7 @@ def _judge(parity_raw: dict, precision: str, trained: bool, min_agreement: float
                       ("gate", "passed", "reason", "judged_on", "notes")})
     except TypeError as exc:
         raise InputError(f"device parity results are incomplete ({exc})") from None
-    p = apply_gate(p, precision, trained=trained, min_agreement=min_agreement)
+    p = apply_gate(p, precision, trained, min_agreement)
     return p.to_dict()
 
 
@@ -111,7 +111,7 @@ def merge_results(bundle: str | Path, results_file: str | Path, *, min_agreement
     manifest["device_results"] = history + [entry]
     statuses = [e["status"] for e in manifest["device_results"]]
     manifest["status"] = "failed" if "failed" in statuses else "validated" if "validated" in statuses else "pending"
-    manifest["engine"] = tensorrt["engine"] = engine
+    tensorrt["engine_status"] = engine
     if manifest["status"] == "validated":
         manifest.pop("pending", None)
     (root / RESULTS_DIR).mkdir(exist_ok=True)

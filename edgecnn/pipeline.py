@@ -1,10 +1,11 @@
-"""The one pipeline behind the CLI, the Makefile and the Python API:
+"""The one pipeline behind the CLI, the Makefile, the Python API and the matrix:
 
     arch -> zoo entry + weights -> calibration/evaluation images -> target.build (staging folder)
          -> validate (parity on held-out images + latency) -> manifest -> atomic swap into place
 
-A bundle that fails its parity gate is not swapped into place (the previous good artefact stays):
-it is kept beside it as ``<target>-<precision>.failed`` for inspection, and the command fails.
+A bundle that fails its parity gate is not swapped into place (the previous good artefact stays): it is kept
+beside it as ``<target>-<precision>.failed`` for inspection, and the command fails. ``validate`` re-checks a
+finished bundle on this machine from its own reference outputs.
 """
 from __future__ import annotations
 
@@ -15,42 +16,27 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from calibration import CalibrationError, CalibrationSet, InputSpec
-from exporters.common import ExportError
+from exporters import ExportError, ModelFileError, Precision
 
 from . import artefact, targets, weights as weights_mod, zoo
 from .errors import GateFailed, InputError, OutputError, ToolchainError, UsageError
+from .manifest import Manifest
 from .progress import Progress
-from .targets import BuildContext, ExportOptions
-from .target_options import check_known
+from .summary import summary_text
+from .targets import FP32_FOR_TIMING, INT8_DEFAULTS_FOR_TIMING, BuildContext, BuildOutput, ExportOptions
 from .validate import REFERENCE_FILE, check_parity, fp64_outputs, measure_latency, torch_reference
+from .validate.bundle import validate_bundle
+from .validate.latency import side_by_side
 from .versions import edgecnn_version, toolchain
 
 log = logging.getLogger(__name__)
-
-
-def _fallback_line(recipe: dict, fb: dict) -> str:
-    """One summary line for the INT8 fallback block of either shape: the Q/DQ recipes' (``agreement_before``/
-    ``agreement_after``, ``layers_float``) or Core ML W8A8's (``before``/``after``, ``keep_float`` blocks)."""
-    before = fb.get("agreement_before") or fb.get("before") or {}
-    after = fb.get("agreement_after") or fb.get("after") or before
-    probe = (f"probe agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}"
-             if "top1_agreement" in before and "top1_agreement" in after else "probe not run")
-    if "layers_float" in fb:
-        kernels = recipe.get("kernels")   # onnxruntime's fused-kernel count (the trt recipe has none here)
-        ops = (f"{kernels['fused']} fused INT8 kernels, {kernels['float']} float ops" if kernels else
-               f"{recipe.get('quantized_layers', '?')} INT8 Conv/Gemm")
-        ranges = recipe.get("calibration_method") or recipe.get("range_method")
-        return (f"  int8     {recipe.get('recipe')} recipe, {ranges} ranges, {len(fb['layers_float'])} layer(s) "
-                f"float; {probe}; {ops}")
-    return (f"  int8     W8A8, {len(fb.get('keep_float') or [])} of {fb.get('units', '?')} block(s) float; {probe} "
-            f"(PyTorch simulation)")
 
 
 @dataclass
@@ -65,64 +51,33 @@ class ExportResult:
         return self.status in ("validated", "pending")
 
     def summary(self) -> str:
-        m = self.manifest
-        lines = [f"{m['arch']} -> {m['target']} {m['precision']}: {self.status.upper()}  ({self.seconds:.1f} s)",
-                 f"  folder   {self.path}"]
-        model = m.get("model_file")
-        if model and model in m.get("files", {}):
-            size = f"  model    {model}  ({m['files'][model]['bytes'] / 1e6:.2f} MB"
-            if m.get("int8", {}).get("fp32_bytes"):
-                size += f", {m['files'][model]['bytes'] / m['int8']['fp32_bytes']:.0%} of FP32"
-            lines.append(size + ")")
-        fb = (m.get("recipe") or {}).get("fallback")
-        if fb:
-            lines.append(_fallback_line(m["recipe"], fb))
-        w = m.get("weights", {})
-        lines.append(f"  weights  {w.get('source')}" + ("" if w.get("pretrained") else "  (RANDOM INIT: accuracy not meaningful)"))
-        p = m.get("parity")
-        if p:
-            lines.append(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
-                         f"cosine {p['cosine']:.6f}, SQNR {p['sqnr_db']:.1f} dB, top-1 agree {p['top1_agreement']:.1%} "
-                         f"on {p['samples']} held-out images")
-            if p.get("ref_accuracy") is not None:
-                lines.append(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
-                             f"(labelled held-out images)")
-            if p.get("reason"):
-                lines.append(f"  reason   {p['reason']}")
-        lat = m.get("latency")
-        if lat and "batch1" in lat:
-            b1, tp = lat["batch1"], lat["throughput"]
-            lines.append(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms; batch {tp['batch']} "
-                         f"{tp['throughput_ips']:.0f} img/s ({lat['runtime'].get('runtime')}, "
-                         f"{lat['runtime'].get('threads', '?')} thread(s))")
-            if lat.get("speedup_vs_fp32"):
-                lines.append(f"  speed-up vs FP32 (batch 1, same run): {lat['speedup_vs_fp32']:.2f}x")
-        elif lat and lat.get("not_measured"):
-            lines.append(f"  latency  {lat['not_measured']}")
-        if p and p.get("runtime"):
-            lines.append(f"  runtime  parity measured with {p['runtime']}")
-        for check in m.get("local_checks", []):  # checks run here for a bundle validated elsewhere
-            lines.append(f"  check    {check['name']}: {'PASS' if check['passed'] else 'FAIL'} | {check['detail']}")
-        if m.get("pending") and not (lat and "batch1" in lat):
-            lines.append(f"  pending  {m['pending']}")
-        return "\n".join(lines)
+        return summary_text(self.manifest, self.status, self.path, self.seconds)
+
+
+@dataclass
+class _Images:
+    calib: CalibrationSet
+    eval_inputs: np.ndarray
+    eval_labels: Optional[np.ndarray]
 
 
 def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: str = "auto", calib: Optional[str] = None,
            out: str | os.PathLike = "artefacts", *, num_classes: Optional[int] = None, labels_file: Optional[str] = None,
            trust_checkpoint: bool = False, options: Optional[ExportOptions] = None, strict_calib: bool = False,
-           lock_timeout: float = 600.0, quiet: bool = False, input_spec: Optional[InputSpec] = None) -> ExportResult:
+           lock_timeout: float = 600.0, quiet: bool = False, input_spec: Optional[InputSpec] = None,
+           timing_dir: Optional[str | os.PathLike] = None) -> ExportResult:
     """Export ``arch`` to ``target`` at ``precision``, validate it, and write the artefact bundle.
 
-    ``input_spec`` overrides the zoo entry's input (size, channels, grey, mean/std) for a checkpoint
-    trained on other images, e.g. ``calibration.derive_spec(entry.spec, size=32, grey=True, mean=[0.286],
-    std=[0.353])`` for Fashion-MNIST; the manifest and the model's metadata record the spec actually used.
-    A labelled ``.npz`` calibration source (``images`` + ``labels``) adds labelled accuracy to parity.
+    ``timing_dir``: defer the latency measurement (the matrix times its cells afterwards, one after another,
+    with ``time_bundle``); what the timing needs besides the bundle is left there.
+    ``input_spec`` overrides the zoo entry's input (size, channels, grey, mean/std) for a checkpoint trained on
+    other images, e.g. ``calibration.derive_spec(entry.spec, size=32, grey=True, mean=[0.286], std=[0.353])``
+    for Fashion-MNIST; the manifest and the model's metadata record the spec actually used. A labelled ``.npz``
+    calibration source (``images`` + ``labels``) adds labelled accuracy to parity.
     """
     t_start = time.perf_counter()
     say = Progress(quiet=quiet)
-    options = options or ExportOptions()
-    check_known(options.extra)
+    options = (options or ExportOptions()).check()
     try:
         entry = zoo.resolve(arch)
     except zoo.UnknownArchError as exc:
@@ -134,11 +89,55 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
     model, winfo = weights_mod.build(entry, weights, num_classes=num_classes, trust_checkpoint=trust_checkpoint)
     labels = _labels(entry, winfo.num_classes, labels_file)
     spec = entry.spec if input_spec is None else _check_spec(entry, model, input_spec)
-
     say("preparing calibration and held-out evaluation images")
+    images = _images(calib, spec, options, strict_calib, model, winfo, say)
+    say(f"PyTorch FP32 reference on {len(images.eval_inputs)} held-out images")
+    reference = torch_reference(model, images.eval_inputs)
+    if not np.isfinite(reference).all():
+        raise InputError(f"{entry.name}: the PyTorch model itself produces NaN/Inf on real images",
+                         hint="check the weights (a diverged checkpoint?)")
+
+    final = artefact.bundle_dir(out, entry.name, tgt.name, precision)
+    if timing_dir:
+        shutil.rmtree(timing_dir, ignore_errors=True)   # what an earlier export of this cell left for its timing
+    ctx = BuildContext(arch=entry.name, model=model, spec=spec, labels=labels, precision=precision,
+                       calib=images.calib, eval_inputs=images.eval_inputs, reference=reference,
+                       trained=winfo.pretrained, options=options,
+                       metadata=_model_metadata(entry, spec, winfo, precision, tgt.name, labels), say=say,
+                       timing_dir=Path(timing_dir) if timing_dir and options.latency else None)
+    with _write_errors_to_output_error(final), \
+            artefact.locked(final, timeout=lock_timeout, on_wait=lambda who: say(f"waiting: {final} is locked by {who}")):
+        with artefact.Staging(final) as staging:
+            built = _build(tgt, ctx, staging.path)
+            _write_labels(staging.path, labels)
+            _write_reference(staging.path, images.calib, spec, model)
+            manifest = _manifest(entry, spec, tgt.name, precision, winfo, labels, images.calib, options, built)
+            _validate_staged(tgt, ctx, staging.path, manifest, built, images.eval_labels, model)
+            manifest.export_seconds = round(time.perf_counter() - t_start, 2)
+            written = artefact.write_manifest(staging.path, manifest.to_dict())
+            if manifest.status == "failed":
+                _keep_failed(final, staging, written, built, f"{entry.name} {tgt.name} {precision}")
+            staging.commit()
+    return ExportResult(final, manifest.status, written, time.perf_counter() - t_start)
+
+
+def _build(tgt, ctx: BuildContext, staging: Path) -> BuildOutput:
     try:
-        calib_set = CalibrationSet.create(calib, spec, calib_size=options.calib_size,
-                                          eval_size=options.eval_size, seed=options.seed, strict=strict_calib)
+        return tgt.build(ctx, staging)
+    except ModelFileError as exc:
+        raise InputError(str(exc), hint=exc.hint) from None
+    except ExportError as exc:
+        raise ToolchainError(str(exc), hint=exc.hint) from None
+    except CalibrationError as exc:
+        raise InputError(str(exc), hint=exc.hint) from None
+
+
+def _images(calib, spec: InputSpec, options: ExportOptions, strict: bool, model, winfo, say) -> _Images:
+    """The calibration set with its held-out split (inputs and, for a labelled source, labels); random-init
+    models get their BatchNorm statistics re-estimated on the calibration split."""
+    try:
+        calib_set = CalibrationSet.create(calib, spec, calib_size=options.calib_size, eval_size=options.eval_size,
+                                          seed=options.seed, strict=strict)
         if not calib_set.eval_items:
             raise CalibrationError(f"{calib_set.source}: too few images to hold any out for evaluation",
                                    hint="use a folder with at least two images", path=calib_set.source)
@@ -160,72 +159,103 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
                 say(f"random init: BatchNorm statistics re-estimated on {used} calibration images")
     except CalibrationError as exc:
         raise InputError(str(exc), hint=exc.hint) from None
+    return _Images(calib_set, eval_inputs, eval_labels)
 
-    say(f"PyTorch FP32 reference on {len(eval_inputs)} held-out images")
-    reference = torch_reference(model, eval_inputs)
-    if not np.isfinite(reference).all():
-        raise InputError(f"{entry.name}: the PyTorch model itself produces NaN/Inf on real images",
-                         hint="check the weights (a diverged checkpoint?)")
 
-    final = artefact.bundle_dir(out, entry.name, tgt.name, precision)
-    metadata = _model_metadata(entry, spec, winfo, precision, tgt.name, labels)
-    ctx = BuildContext(arch=entry.name, model=model, spec=spec, labels=labels, precision=precision,
-                       calib=calib_set, eval_inputs=eval_inputs, reference=reference, trained=winfo.pretrained,
-                       options=options, metadata=metadata, say=say)
+def _validate_staged(tgt, ctx: BuildContext, staging: Path, manifest: Manifest, built: BuildOutput,
+                     eval_labels, model) -> None:
+    """Parity (and latency) of the staged bundle on this machine's runtime; sets the manifest's status."""
+    if built.pending:
+        manifest.status, manifest.pending = "pending", built.pending
+    else:
+        runner = tgt.open_runner(staging, manifest.to_dict(), threads=ctx.options.threads)
+        if runner is None:
+            manifest.status, manifest.pending = "pending", tgt.runtime_unavailable_reason(manifest.to_dict())
+        else:
+            with runner:
+                _parity_and_latency(runner, ctx, manifest, built, eval_labels, model)
+    if built.failed:
+        manifest.status = "failed"
 
-    with _write_errors_to_output_error(final), \
-            artefact.locked(final, timeout=lock_timeout, on_wait=lambda who: say(f"waiting: {final} is locked by {who}")):
-        with artefact.Staging(final) as staging:
-            try:
-                built = tgt.build(ctx, staging.path)
-            except ExportError as exc:
-                raise ToolchainError(str(exc), hint=exc.hint) from None
-            _write_labels(staging.path, labels)
-            _write_reference(staging.path, calib_set, spec, model)
-            manifest = _base_manifest(entry, spec, tgt.name, precision, winfo, labels, calib_set, options, built)
-            status = "pending" if built.pending else "validated"
-            if not built.pending:
-                runner = tgt.open_runner(staging.path, manifest, threads=options.threads)
-                if runner is None:
-                    status = "pending"
-                    manifest["pending"] = tgt.runtime_unavailable_reason(manifest)
-                else:
-                    say(f"validating on {runner.describe().get('runtime')}: parity on {len(eval_inputs)} held-out images")
-                    parity = check_parity(runner, eval_inputs, reference, precision, trained=winfo.pretrained,
-                                          labels=eval_labels, min_agreement=options.int8_min_agreement,
-                                          noise_floor=lambda idx: fp64_outputs(model, eval_inputs, idx))
-                    manifest["parity"] = {**parity.to_dict(), "runtime": runner.describe().get("runtime")}
-                    if not parity.passed:
-                        status = "failed"
-                    elif options.latency and getattr(runner, "latency_reason", None):
-                        # e.g. the Core ML reference executor on Linux: its speed says nothing of an iPhone
-                        manifest["latency"] = {"not_measured": runner.latency_reason, "runtime": runner.describe()}
-                    elif options.latency:
-                        say("measuring latency")
-                        manifest["latency"] = measure_latency(runner, spec.shape, seed=options.seed)
-                        side = built.extra.get("int8", {})
-                        if side.get("speedup_vs_fp32"):  # measured side by side by the target, same run
-                            manifest["latency"]["speedup_vs_fp32"] = side["speedup_vs_fp32"]
-                    del runner
-            else:
-                manifest["pending"] = built.pending
-            if built.failed:
-                status = "failed"
-            manifest["status"] = status
-            manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
-            manifest = artefact.write_manifest(staging.path, manifest)
-            if status == "failed":
-                failed = final.with_name(final.name + ".failed")
-                shutil.rmtree(failed, ignore_errors=True)
-                os.rename(staging.path, failed)
-                result = ExportResult(failed, status, manifest, time.perf_counter() - t_start)
-                reason = (f"failed its parity gate: {manifest['parity']['reason']}" if manifest.get("parity")
-                          and not manifest["parity"].get("passed") else f"failed a check: {built.failed}")
-                raise GateFailed(f"{entry.name} {tgt.name} {precision} {reason}",
-                                 hint=f"the failed bundle is kept at {failed} for inspection; "
-                                      f"{'the previous artefact is untouched' if final.exists() else 'nothing was written to ' + str(final)}")
-            staging.commit()
-    return ExportResult(final, status, manifest, time.perf_counter() - t_start)
+
+def _parity_and_latency(runner, ctx: BuildContext, manifest: Manifest, built: BuildOutput, eval_labels, model) -> None:
+    runtime = runner.describe().get("runtime")
+    ctx.say(f"validating on {runtime}: parity on {len(ctx.eval_inputs)} held-out images")
+    parity = check_parity(runner, ctx.eval_inputs, ctx.reference, ctx.precision, trained=ctx.trained,
+                          labels=eval_labels, min_agreement=ctx.options.int8.min_agreement,
+                          noise_floor=lambda idx: fp64_outputs(model, ctx.eval_inputs, idx))
+    manifest.parity = {**parity.to_dict(), "runtime": runtime}
+    manifest.status = "validated" if parity.passed else "failed"
+    if not parity.passed or not ctx.options.latency:
+        return
+    if runner.latency_reason:   # e.g. the Core ML reference executor on Linux: its speed says nothing of an iPhone
+        manifest.latency = {"not_measured": runner.latency_reason, "runtime": runner.describe()}
+        return
+    if ctx.timing_dir is not None:
+        manifest.latency = {"deferred": "timed after every cell is built, one after another (edgecnn matrix)"}
+        return
+    ctx.say("measuring latency")
+    manifest.latency = measure_latency(runner, ctx.spec.shape, seed=ctx.options.seed)
+    if (built.int8 or {}).get("speedup_vs_fp32"):   # measured side by side by the target, in the same run
+        manifest.latency["speedup_vs_fp32"] = built.int8["speedup_vs_fp32"]
+
+
+def _keep_failed(final: Path, staging, manifest: dict, built: BuildOutput, what: str) -> None:
+    """Move the failed bundle to ``<final>.failed`` (the previous good artefact stays) and raise GateFailed."""
+    failed = final.with_name(final.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.rename(staging.path, failed)
+    parity = manifest.get("parity") or {}
+    reason = (f"failed its parity gate: {parity['reason']}" if parity and not parity.get("passed")
+              else f"failed a check: {built.failed}")
+    raise GateFailed(f"{what} {reason}",
+                     hint=f"the failed bundle is kept at {failed} for inspection; "
+                          f"{'the previous artefact is untouched' if final.exists() else 'nothing was written to ' + str(final)}")
+
+
+def validate(bundle: str | os.PathLike, *, threads: int = 1, latency: bool = True) -> dict:
+    """Verify a finished bundle's hashes, run its model on this machine's runtime on its reference inputs, gate
+    and time it. Returns a results dict (``status``: validated, failed or pending)."""
+    root = Path(bundle)
+    manifest = artefact.verify(root)  # refuses a tampered bundle before running anything in it
+    tgt = targets.get(manifest["target"])
+    try:
+        runner = tgt.open_runner(root, manifest, threads=threads)
+    except ModelFileError as exc:
+        raise InputError(str(exc), hint=exc.hint) from None
+    if runner is None:
+        return {"status": "pending", "reason": tgt.runtime_unavailable_reason(manifest)}
+    with runner:
+        try:
+            return validate_bundle(root, manifest, runner, latency=latency)
+        except ExportError as exc:
+            raise ToolchainError(str(exc), hint=exc.hint) from None
+
+
+def time_bundle(bundle: str | os.PathLike, timing_dir: str | os.PathLike, *, threads: int = 1, seed: int = 0) -> dict:
+    """Measure the latency of a bundle exported with ``timing_dir`` (and, for an INT8 ONNX bundle, FP32 and
+    INT8 side by side) and write it into its manifest; the files in ``timing_dir`` are removed after."""
+    root, tdir = Path(bundle), Path(timing_dir)
+    with artefact.locked(root):
+        manifest = artefact.verify(root)
+        if "deferred" not in (manifest.get("latency") or {}):
+            return manifest
+        tgt = targets.get(manifest["target"])
+        shape = InputSpec.from_dict(manifest["input"]).shape
+        runner = tgt.open_runner(root, manifest, threads=threads)
+        if runner is None:
+            raise ToolchainError(f"{root}: no runtime here to time it", hint=tgt.runtime_unavailable_reason(manifest))
+        with runner:
+            manifest["latency"] = measure_latency(runner, shape, seed=seed)
+        fp32 = tdir / FP32_FOR_TIMING
+        if fp32.exists():
+            defaults = tdir / INT8_DEFAULTS_FOR_TIMING
+            manifest["int8"] = side_by_side(fp32, root / manifest["model_file"], shape, threads=threads, seed=seed,
+                                            defaults_path=defaults if defaults.exists() else None)
+            manifest["latency"]["speedup_vs_fp32"] = manifest["int8"]["speedup_vs_fp32"]
+        manifest = artefact.write_manifest(root, manifest)
+    shutil.rmtree(tdir, ignore_errors=True)
+    return manifest
 
 
 # A failed write of the bundle is the output location's fault (exit 4), whichever step hit it.
@@ -278,8 +308,8 @@ def _check_spec(entry, model, spec: InputSpec) -> InputSpec:
     return spec
 
 
-def _model_metadata(entry, spec, winfo, precision: str, target: str, labels: list) -> dict:
-    return {"edgecnn.version": edgecnn_version(), "edgecnn.arch": entry.name, "edgecnn.precision": precision,
+def _model_metadata(entry, spec, winfo, precision: Precision, target: str, labels: list) -> dict:
+    return {"edgecnn.version": edgecnn_version(), "edgecnn.arch": entry.name, "edgecnn.precision": str(precision),
             "edgecnn.target": target, "edgecnn.weights": winfo.source if not winfo.source.startswith("checkpoint:")
             else "checkpoint", "edgecnn.input": json.dumps(spec.to_dict(), sort_keys=True),
             "edgecnn.labels": json.dumps(labels)}
@@ -311,35 +341,22 @@ def _write_reference(root: Path, calib_set: CalibrationSet, spec, model) -> None
                         ids=np.asarray(ids), input_spec=np.asarray(json.dumps(spec.to_dict(), sort_keys=True)), **extra)
 
 
-def _base_manifest(entry, spec, target: str, precision: str, winfo, labels, calib_set, options, built) -> dict:
-    return {
-        "schema_version": artefact.SCHEMA_VERSION,
-        "edgecnn_version": edgecnn_version(),
-        "arch": entry.name,
-        "family": entry.family,
-        "target": target,
-        "precision": precision,
-        "status": "building",
-        "model_file": built.model_file,
-        "weights": winfo.to_dict(),
-        "input": spec.to_dict(),
-        "input_from": "zoo" if spec == entry.spec else "override (custom-trained checkpoint)",
-        "output": {"name": "logits", "shape": [1, winfo.num_classes], "kind": "logits (no softmax)"},
-        "num_classes": winfo.num_classes,
-        "labels_file": "labels.txt",
-        "reference_file": REFERENCE_FILE,
-        "export": built.export,
-        "recipe": built.recipe,
-        "calibration": {**calib_set.describe(), "used_for": _calib_use(precision, winfo)},
-        "seed": options.seed,
-        "toolchain": toolchain(),
-        **built.extra,
-    }
+def _manifest(entry, spec, target: str, precision: Precision, winfo, labels, calib_set, options: ExportOptions,
+              built: BuildOutput) -> Manifest:
+    return Manifest(
+        arch=entry.name, family=entry.family, target=target, precision=str(precision), status="pending",
+        model_file=built.model_file, weights=winfo.to_dict(), input=spec.to_dict(),
+        input_from="zoo" if spec == entry.spec else "override (custom-trained checkpoint)",
+        output=built.output or {"name": "logits", "shape": [1, winfo.num_classes], "kind": "logits (no softmax)"},
+        num_classes=winfo.num_classes, labels_file="labels.txt", reference_file=REFERENCE_FILE, export=built.export,
+        recipe=built.recipe, calibration={**calib_set.describe(), "used_for": _calib_use(precision, winfo)},
+        seed=options.seed, toolchain=toolchain(), edgecnn_version=edgecnn_version(), int8=built.int8,
+        tensorrt=built.tensorrt, coreml=built.coreml, local_checks=list(built.local_checks))
 
 
-def _calib_use(precision: str, winfo) -> str:
+def _calib_use(precision: Precision, winfo) -> str:
     uses = ["held-out evaluation (parity)"]
-    if precision.startswith("int8"):
+    if precision == Precision.INT8:
         uses.insert(0, "INT8 range calibration")
     if winfo.bn_reestimated:
         uses.insert(0, "BatchNorm re-estimation (random init)")

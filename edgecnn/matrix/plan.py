@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from .. import artefact, targets, weights as weights_mod, zoo
 from ..errors import EdgeError, InputError, UsageError
-from ..targets import ExportOptions
+from ..options import ExportOptions
 from ..versions import edgecnn_version, toolchain
 
 from .defaults import DEFAULT_ARCHS, DEFAULT_PRECISIONS, DEFAULT_TARGETS  # noqa: F401 (re-exported)
@@ -169,8 +169,7 @@ def code_fingerprint() -> str:
         root = Path(pkg.__file__).parent
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root.parent).as_posix()
-            if (rel.startswith("edgecnn/matrix/") and rel != "edgecnn/matrix/worker.py") or rel in ("edgecnn/report.py",) or \
-                    (rel.startswith("edgecnn/cli") and rel.endswith(".py")):
+            if (rel.startswith("edgecnn/matrix/") and rel != "edgecnn/matrix/worker.py") or rel.startswith("edgecnn/cli/"):
                 continue
             h.update(rel.encode())
             h.update(path.read_bytes())

@@ -34,6 +34,7 @@ class CellResult:
     parity_source: str = ""                  # "" = the artefact's runtime; else which local proxy produced it
     latency: Dict[str, Any] = field(default_factory=dict)   # p50_ms, p90_ms, p99_ms, throughput_ips, runtime, threads
     latency_note: str = ""
+    latency_deferred: bool = False           # built in the matrix, its timing phase still to come
     speedup_vs_fp32: Optional[float] = None
     speedup_source: str = ""                 # "side by side (export)" | "separate cells"
     peak_rss_mb: Optional[float] = None
@@ -112,16 +113,16 @@ def from_manifest(manifest: dict, bundle: Path, *, outcome: str, seconds: float,
             r.speedup_vs_fp32 = float(lat["speedup_vs_fp32"])
             r.speedup_source = "side by side (export)"
     elif status == "validated":
-        why = lat.get("not_measured") or lat.get("note") or manifest.get("latency_note") or "not measured"
+        r.latency_deferred = "deferred" in lat
+        why = lat.get("not_measured") or lat.get("deferred") or "not measured"
         runtime = (lat.get("runtime") or {}).get("runtime") if isinstance(lat.get("runtime"), dict) else None
         r.latency_note = f"latency: {why}" + (f"; parity from {runtime}" if runtime else "")
     recipe = manifest.get("recipe") or {}
     r.recipe_keys = sorted(recipe) if isinstance(recipe, dict) else []
     r.sensitivity = extract_sensitivity(recipe)
-    if r.sensitivity is None:
-        empty = _empty_sensitivity_key(recipe)
-        if empty:
-            r.notes.append(f"INT8 sensitivity: {empty} is empty (no per-layer analysis was run for this artefact)")
+    if r.sensitivity is None and isinstance(recipe.get("fallback"), dict):
+        r.notes.append("INT8 sensitivity: no per-layer analysis was run (the probe met the bar with the defaults, "
+                       "or the fallback was off)")
     if weights.get("pretrained") is False:
         r.notes.append("random-init weights: agreement/accuracy not meaningful")
     return r
@@ -152,90 +153,15 @@ def error_result(arch: str, target: str, precision: str, *, outcome: str, reason
 
 
 # --------------------------------------------------------------------------- per-layer INT8 sensitivity
-_LIST_KEYS = ("sensitivity", "sensitivity_top", "per_layer_sensitivity", "layer_sensitivity", "sensitivities", "per_layer")
-_FLOAT_KEYS = ("layers_float", "float_layers", "excluded", "kept_float", "fallback_layers")
-_NAME_KEYS = ("layer", "node", "name", "op", "tensor")
-# which number to plot, best first; "higher is worse" for errors, "lower is worse" for agreement/SQNR
-_VALUE_KEYS = (("agreement_drop", True), ("top1_drop", True), ("delta_agreement", True), ("mse", True),
-               ("error", True), ("output_error", True), ("rel_error", True), ("kl", True), ("score", True),
-               ("sensitivity", True), ("sqnr_db", False), ("sqnr", False), ("cosine", False),
-               ("top1_agreement", False), ("agreement", False))
-
-
 def extract_sensitivity(recipe: Any) -> Optional[Dict[str, Any]]:
-    """Find a per-layer sensitivity list anywhere in the INT8 recipe and normalise it to
-    ``{"metric", "higher_is_worse", "source", "layers": [{"layer", "value", "float"}]}``.
-
-    The INT8 recipe is owned by the INT8 work; this reads whatever shape it has — a list of
-    ``{layer/node/name, <metric>}`` dicts, or a ``{layer: number}`` mapping — under any of the usual keys
-    (``sensitivity``, ``sensitivity_top`` …), at the top of the recipe or one level down. Which way is
-    "more sensitive" is read from the list itself when the producer sorted it (most sensitive first, by
-    that metric); only an unsorted list falls back to the metric's usual meaning. Layers the fallback kept
-    in float (a sibling ``layers_float``/``excluded`` …) are marked. Returns None when there is no list.
-    """
-    if not isinstance(recipe, dict):
+    """The INT8 fallback's per-layer sensitivity (``recipe.fallback.sensitivity_top``: the probe SQNR with each
+    layer float alone, most sensitive first) as ``{"metric", "higher_is_worse", "source", "layers": [{"layer",
+    "value", "float"}]}``, with the layers the fallback kept float marked; None when no analysis ran."""
+    fb = recipe.get("fallback") if isinstance(recipe, dict) else None
+    rows = (fb or {}).get("sensitivity_top") or []
+    if not rows:
         return None
-    candidates = [(k, recipe[k], k, recipe) for k in recipe]
-    for k, v in list(recipe.items()):
-        if isinstance(v, dict):
-            candidates += [(k2, v2, f"{k}.{k2}", v) for k2, v2 in v.items()]
-    for key, value, where, parent in candidates:
-        if str(key).lower() not in _LIST_KEYS:
-            continue
-        got = _normalise(value)
-        if got:
-            got["source"] = f"recipe.{where}"
-            floats = set()
-            for fk in _FLOAT_KEYS:
-                fv = parent.get(fk)
-                if isinstance(fv, dict):
-                    floats |= {str(x) for x in fv}
-                elif isinstance(fv, list):
-                    floats |= {str(x) for x in fv if isinstance(x, (str, int))}
-            for layer in got["layers"]:
-                layer["float"] = bool(layer.get("float")) or layer["layer"] in floats
-            return got
-    return None
-
-
-def _empty_sensitivity_key(recipe: Any) -> Optional[str]:
-    if not isinstance(recipe, dict):
-        return None
-    for k, v in recipe.items():
-        if str(k).lower() in _LIST_KEYS and not v:
-            return f"recipe.{k}"
-        if isinstance(v, dict):
-            for k2, v2 in v.items():
-                if str(k2).lower() in _LIST_KEYS and not v2:
-                    return f"recipe.{k}.{k2}"
-    return None
-
-
-def _normalise(value: Any) -> Optional[Dict[str, Any]]:
-    if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
-        layers = [{"layer": str(k), "value": float(v)} for k, v in value.items()]
-        return {"metric": "sensitivity", "higher_is_worse": True, "layers": layers}
-    if isinstance(value, dict):
-        for k in ("layers", "items", "per_layer"):
-            if isinstance(value.get(k), list):
-                got = _normalise(value[k])
-                if got and isinstance(value.get("metric"), str):
-                    got["metric"] = value["metric"]
-                return got
-        return None
-    if not isinstance(value, list) or not value or not all(isinstance(x, dict) for x in value):
-        return None
-    name_key = next((k for k in _NAME_KEYS if all(k in x for x in value)), None)
-    if name_key is None:
-        return None
-    for vkey, worse_high in _VALUE_KEYS:
-        if all(isinstance(x.get(vkey), (int, float)) for x in value):
-            layers = [{"layer": str(x[name_key]), "value": float(x[vkey]),
-                       "float": bool(x.get("kept_float") or x.get("float") or x.get("fallback"))} for x in value]
-            vals = [x["value"] for x in layers]
-            if len(set(vals)) > 1 and vals == sorted(vals, reverse=True):
-                worse_high = True       # the producer listed them most sensitive first, highest first
-            elif len(set(vals)) > 1 and vals == sorted(vals):
-                worse_high = False
-            return {"metric": vkey, "higher_is_worse": worse_high, "layers": layers}
-    return None
+    floats = set(fb.get("layers_float") or {})
+    return {"metric": "sqnr_db", "higher_is_worse": True, "source": "recipe.fallback.sensitivity_top",
+            "layers": [{"layer": str(r["node"]), "value": float(r["sqnr_db"]), "float": r["node"] in floats}
+                       for r in rows]}

@@ -6,13 +6,13 @@ import datetime as _dt
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .. import artefact
 from ..errors import EdgeError, Interrupted
-from ..targets import ExportOptions
+from ..options import ExportOptions
 from ..versions import edgecnn_version, toolchain
 from . import plan as plan_mod
 from . import scorecard as sc
@@ -21,6 +21,7 @@ from .display import Display
 from .plan import Cell
 from .results import CellResult, error_result, from_manifest
 from .scheduler import Outcome, Scheduler, _Interrupted
+
 
 
 @dataclass
@@ -59,7 +60,7 @@ class MatrixRun:
     run_dir: Optional[Path] = None
     interrupted: bool = False
     deferred_for_memory: int = 0
-    timing_slots: int = 0               # exclusive timing slots granted (other cells paused)
+    timed: int = 0                      # cells timed in the timing phase, one after another
 
     def counts(self) -> Dict[str, int]:
         c = {"validated": 0, "pending": 0, "failed": 0, "reused": 0, "ran": 0}
@@ -153,10 +154,11 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
                 to_run.append(cell)
 
         def make_job(cell: Cell, log: Path) -> dict:
-            return {"arch": cell.arch, "target": cell.target, "precision": cell.precision, "weights": cfg.weights,
-                    "calib": cfg.calib, "out": str(out), "options": asdict(cfg.options),
+            return {"kind": "export", "arch": cell.arch, "target": cell.target, "precision": cell.precision,
+                    "weights": cfg.weights, "calib": cfg.calib, "out": str(out), "options": cfg.options.to_dict(),
                     "strict_calib": cfg.strict_calib, "lock_timeout": cfg.lock_timeout,
                     "threads": max(1, plan_mod.default_jobs() // max(1, min(jobs, len(to_run)))),
+                    "timing_dir": str(state.timing_dir(out, cell)) if cfg.options.latency else None,
                     "log": str(log)}
 
         def on_done(o: Outcome) -> None:
@@ -180,7 +182,11 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
                                                     reason="not run: the matrix was interrupted",
                                                     family="interrupted", exit_code=130, order=cell.order)
         deferred = sched.deferred_for_memory
-        timings = sched.timings
+        if not interrupted:
+            try:
+                timings = _timing_phase(cfg, out, cells, results, log_dir, display)
+            except _Interrupted:
+                interrupted = True
 
     ordered = sorted(results.values(), key=lambda r: r.order)
     add_speedups(ordered)
@@ -190,19 +196,51 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
         if v is not None:
             r.scorecard = v.state
     run = MatrixRun(cfg, ordered, started.isoformat(timespec="seconds"), time.perf_counter() - t0, jobs, comparison,
-                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred,
-                    timing_slots=timings)
+                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred, timed=timings)
     if cfg.update_scorecard and cfg.scorecard and not interrupted:
         run.scorecard_update = sc.update(ordered, Path(cfg.scorecard))
     if run_dir is not None:
-        from .. import report
+        from . import report
 
-        run.report = report.write(run, run_dir)
+        run.report = report.write(run, run_dir, run_info(run))
         _point_latest(run_dir)
     if interrupted:
         raise Interrupted("the matrix was interrupted" + (f"; partial report in {run_dir}" if run_dir else ""),
                           hint="run it again: finished cells are reused")
     return run
+
+
+def _timing_phase(cfg: MatrixConfig, out: Path, cells: List[Cell], results: Dict[str, CellResult], log_dir: Path,
+                  display: Display) -> int:
+    """Time every validated cell whose latency is still deferred, one after another, each in a fresh process
+    (a scheduler of one job): no cell is timed while another one runs. Returns the cells timed."""
+    todo = [c for c in cells if c.id in results and results[c.id].status == "validated"
+            and results[c.id].latency_deferred]
+    if not todo:
+        return 0
+    display.note(f"matrix: timing {len(todo)} cell(s) one after another")
+
+    def make_job(cell: Cell, log: Path) -> dict:
+        return {"kind": "time", "bundle": results[cell.id].bundle, "timing_dir": str(state.timing_dir(out, cell)),
+                "threads": cfg.options.threads, "seed": cfg.options.seed, "log": str(log)}
+
+    def on_done(o: Outcome) -> None:
+        previous = results[o.cell.id]
+        if o.message.get("kind") != "done":
+            previous.notes.append(f"not timed: {o.message.get('reason', 'failed')}")
+            return
+        manifest = artefact.verify(previous.bundle)
+        r = from_manifest(manifest, Path(previous.bundle), outcome=previous.outcome, seconds=previous.seconds + o.seconds,
+                          order=o.cell.order, log=previous.log, peak_rss_mb=previous.peak_rss_mb)
+        r.notes = list(dict.fromkeys(previous.notes + r.notes))
+        results[o.cell.id] = r
+        state.save(out, o.cell, r, o.message.get("manifest_sha"))
+        display.finish(r)
+
+    sched = Scheduler(1, make_job=make_job, log_dir=log_dir / "timing", cell_timeout=cfg.cell_timeout,
+                      on_start=display.start, on_stage=display.stage, on_done=on_done)
+    sched.run(todo)
+    return len(todo)
 
 
 def _reason(exc: EdgeError) -> str:
@@ -296,7 +334,8 @@ def run_info(run: MatrixRun) -> dict:
     return {"started": run.started, "wall_seconds": round(run.wall_seconds, 1), "jobs": run.jobs,
             "archs": plan_mod.split_names(cfg.archs), "targets": plan_mod.split_names(cfg.targets),
             "precisions": plan_mod.split_names(cfg.precisions), "weights": cfg.weights,
-            "calib": cfg.calib or "bundled sample photos", "out": str(cfg.out), "options": asdict(cfg.options),
+            "calib": cfg.calib or "bundled sample photos", "out": str(cfg.out), "options": cfg.options.to_dict(),
             "edgecnn_version": edgecnn_version(), "toolchain": toolchain(), "machine": machine(),
-            "deferred_for_memory": run.deferred_for_memory, "timing_slots": run.timing_slots, "summary": run.summary_line(),
+            "deferred_for_memory": run.deferred_for_memory, "timed_one_after_another": run.timed,
+            "summary": run.summary_line(),
             "scorecard": str(cfg.scorecard) if cfg.scorecard else None}

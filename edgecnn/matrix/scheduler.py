@@ -8,12 +8,10 @@ Rules, checked each time a slot frees up:
   running cells may still grow to (estimate - current RSS). Estimates are the cell's peak RSS measured
   last time it ran, else a guess from the arch and precision. With nothing running, a cell always
   starts, so the run always makes progress;
-- a cell past ``cell_timeout`` seconds (not counting time paused) is stopped (SIGTERM, then SIGKILL)
-  and recorded as failed;
-- timing is exclusive: a cell about to time its model asks for the timing slot (see
-  ``worker.TimingSlot``); the scheduler pauses every other running cell (SIGSTOP), starts no new one,
-  answers "go", and resumes them (SIGCONT) when the cell says "end". So latency is never measured while
-  another cell of the matrix competes for the CPU (the machine's other users are another matter).
+- a cell past ``cell_timeout`` seconds is stopped (SIGTERM, then SIGKILL) and recorded as failed.
+
+Latency is not measured here: the matrix times every built cell afterwards, one after another, with a
+scheduler of one job (``edgecnn.matrix.run``), so no cell is timed while another competes for the CPU.
 
 One cell's failure — an error, a crash, a kill by the OOM killer — is recorded for that cell only.
 Ctrl-C stops the running cells cleanly (their staging folders are removed) and ends the run.
@@ -45,13 +43,6 @@ class Running:
     stage: str = ""
     killed_for_timeout: bool = False
     term_sent: float = 0.0
-    tconn: object = None               # duplex pipe for timing-slot requests
-    paused_since: Optional[float] = None
-    paused_total: float = 0.0
-
-    def active_seconds(self, now: float) -> float:
-        paused = self.paused_total + ((now - self.paused_since) if self.paused_since is not None else 0.0)
-        return now - self.started - paused
 
 
 @dataclass
@@ -120,9 +111,6 @@ class Scheduler:
         self.ctx = mp.get_context("spawn")   # never fork a process that has torch loaded
         self.running: List[Running] = []
         self.deferred_for_memory = 0         # how often a cell waited for memory (reported)
-        self.timing_owner: Optional[Running] = None
-        self.timing_queue: List[Running] = []
-        self.timings = 0                     # timing slots granted (reported)
 
     # -------------------------------------------------------------------------------------- policy
     def can_start(self, cell: Cell) -> bool:
@@ -151,7 +139,7 @@ class Scheduler:
         try:
             while queue or self.running:
                 for cell in list(queue):
-                    if len(self.running) >= self.jobs or self.timing_owner is not None:
+                    if len(self.running) >= self.jobs:
                         break
                     if self.can_start(cell):
                         queue.remove(cell)
@@ -166,25 +154,20 @@ class Scheduler:
         log = self.log_dir / f"{cell.slug}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         parent_conn, child_conn = self.ctx.Pipe(duplex=False)
-        timing_parent, timing_child = self.ctx.Pipe(duplex=True)
         from .worker import run_cell
 
-        proc = self.ctx.Process(target=run_cell, args=(child_conn, self.make_job(cell, log), timing_child),
+        proc = self.ctx.Process(target=run_cell, args=(child_conn, self.make_job(cell, log)),
                                 name=f"edgecnn-matrix-{cell.slug}", daemon=False)
         proc.start()
         child_conn.close()
-        timing_child.close()
-        self.running.append(Running(cell, proc, parent_conn, time.perf_counter(), log, tconn=timing_parent))
+        self.running.append(Running(cell, proc, parent_conn, time.perf_counter(), log))
         self.on_start(cell)
 
     def _poll(self, timeout: float) -> List[Outcome]:
         if not self.running:
             return []
-        waitables = [r.conn for r in self.running] + [r.tconn for r in self.running] + \
-            [r.process.sentinel for r in self.running]
-        wait(waitables, timeout=timeout)
+        wait([r.conn for r in self.running] + [r.process.sentinel for r in self.running], timeout=timeout)
         done: List[Outcome] = []
-        self._timing_requests()
         now = time.perf_counter()
         for r in list(self.running):
             if r.message is None and r.conn.poll():
@@ -203,87 +186,20 @@ class Scheduler:
                            "reason": f"stopped after {self.cell_timeout:.0f} s (--cell-timeout)",
                            "peak_rss_mb": msg.get("peak_rss_mb")}
                 r.conn.close()
-                r.tconn.close()
                 self.running.remove(r)
-                if r in self.timing_queue:
-                    self.timing_queue.remove(r)
-                if self.timing_owner is r:      # died (or finished) holding the slot: free it
-                    self._release()
                 out = Outcome(r.cell, msg, now - r.started, r.log)
                 done.append(out)
                 self.on_done(out)
                 continue
-            if self.cell_timeout and r.active_seconds(now) > self.cell_timeout:
+            if self.cell_timeout and now - r.started > self.cell_timeout:
                 if not r.killed_for_timeout:
                     r.killed_for_timeout, r.term_sent = True, now
-                    self._resume(r)
                     r.process.terminate()
                 elif now - r.term_sent > 20:
                     r.process.kill()
-            if r.paused_since is not None and self.timing_owner is not None:
-                r.stage = f"paused while {self.timing_owner.cell.id} is timed"
-            elif r is self.timing_owner:
-                r.stage = "timing (other cells paused)"
-            else:
-                r.stage = last_line(r.log)
+            r.stage = last_line(r.log)
             self.on_stage(r.cell, r.stage, now - r.started)
-        self._grant()
         return done
-
-    # ------------------------------------------------------------------------------ timing slots
-    def _timing_requests(self) -> None:
-        for r in list(self.running):
-            try:
-                while r.tconn.poll():
-                    what = r.tconn.recv()
-                    if what == "start" and r not in self.timing_queue and r is not self.timing_owner:
-                        self.timing_queue.append(r)
-                    elif what == "end" and r is self.timing_owner:
-                        self._release()
-            except (EOFError, OSError):
-                continue   # the child is gone; its death is handled with its result
-
-    def _grant(self) -> None:
-        while self.timing_owner is None and self.timing_queue:
-            r = self.timing_queue.pop(0)
-            if r not in self.running or not r.process.is_alive():
-                continue
-            for other in self.running:
-                if other is not r:
-                    self._pause(other)
-            self._resume(r)
-            try:
-                r.tconn.send("go")
-            except (BrokenPipeError, OSError):
-                self._resume_all()
-                continue
-            self.timing_owner = r
-            self.timings += 1
-
-    def _release(self) -> None:
-        self.timing_owner = None
-        self._resume_all()
-
-    def _pause(self, r: Running) -> None:
-        if r.paused_since is None and r.process.is_alive():
-            try:
-                os.kill(r.process.pid, signal.SIGSTOP)
-                r.paused_since = time.perf_counter()
-            except ProcessLookupError:
-                pass
-
-    def _resume(self, r: Running) -> None:
-        if r.paused_since is not None:
-            try:
-                os.kill(r.process.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            r.paused_total += time.perf_counter() - r.paused_since
-            r.paused_since = None
-
-    def _resume_all(self) -> None:
-        for r in self.running:
-            self._resume(r)
 
     def _death_message(self, r: Running) -> dict:
         code = r.process.exitcode
@@ -299,8 +215,6 @@ class Scheduler:
         return {"kind": "error", "family": "crash", "exit_code": 1, "reason": reason}
 
     def _stop_all(self, why: str) -> List[Outcome]:
-        self.timing_owner, self.timing_queue = None, []
-        self._resume_all()                   # a stopped process would not act on SIGTERM
         for r in self.running:
             if r.process.is_alive():
                 r.process.terminate()        # SIGTERM -> KeyboardInterrupt in the child: staging cleaned up
@@ -315,7 +229,6 @@ class Scheduler:
         for r in list(self.running):
             msg = {"kind": "interrupted", "family": "interrupted", "exit_code": 130, "reason": why}
             r.conn.close()
-            r.tconn.close()
             outs.append(Outcome(r.cell, msg, now - r.started, r.log))
         self.running.clear()
         return outs

@@ -27,6 +27,11 @@ STATE_DIR = ".matrix"
 SETTLED_FAMILIES = ("gate", "usage", "input", "toolchain", "error")
 
 
+def timing_dir(out: Path, cell: Cell) -> Path:
+    """Where a cell's export leaves the files its timing needs (the FP32 model an INT8 one is timed against)."""
+    return Path(out) / STATE_DIR / "timing" / cell.arch / f"{cell.target}-{cell.precision}"
+
+
 def state_path(out: Path, cell: Cell) -> Path:
     return Path(out) / STATE_DIR / cell.arch / f"{cell.target}-{cell.precision}.json"
 

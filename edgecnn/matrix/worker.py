@@ -19,34 +19,10 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class TimingSlot:
-    """The worker's timing guard (``edgecnn.validate.latency.set_timing_guard``): before timing, ask the
-    parent for the slot and wait for "go" (the parent pauses every other cell first); after, say "end".
-    Reentrant, because a measurement may nest timings."""
-
-    def __init__(self, conn):
-        self.conn, self.depth = conn, 0
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        if self.depth == 0:
-            self.conn.send("start")
-            self.conn.recv()
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        self.depth -= 1
-        if self.depth == 0:
-            self.conn.send("end")
-
-
-def run_cell(conn, job: dict, timing_conn=None) -> None:
-    """Entry point in the child. ``job``: arch, target, precision, weights, calib, out, options (dict),
-    strict_calib, lock_timeout, threads (torch intra-op), log (path). ``timing_conn``: the duplex pipe to
-    ask the parent for exclusive timing slots (None: time without asking)."""
+def run_cell(conn, job: dict) -> None:
+    """Entry point in the child. ``job["kind"]`` "export" (arch, target, precision, weights, calib, out,
+    options (dict), strict_calib, lock_timeout, timing_dir) or "time" (bundle, timing_dir, threads, seed);
+    both: threads (torch intra-op), log (path)."""
     t0 = time.perf_counter()
     fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
@@ -55,15 +31,11 @@ def run_cell(conn, job: dict, timing_conn=None) -> None:
     threads = str(max(1, int(job.get("threads", 1))))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = threads
-    if timing_conn is not None:
-        from ..validate.latency import set_timing_guard
-
-        set_timing_guard(TimingSlot(timing_conn))
     signal.signal(signal.SIGTERM, _raise_interrupt)   # unwinds like Ctrl-C: staging folders are removed
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides what Ctrl-C means for its cells
     msg = {"kind": "error", "family": "error", "exit_code": 1, "reason": "no result"}
     try:
-        msg = _run(job, int(threads))
+        msg = _time(job) if job.get("kind") == "time" else _run(job, int(threads))
     except KeyboardInterrupt:
         msg = {"kind": "interrupted", "family": "interrupted", "exit_code": 130, "reason": "interrupted"}
     except BaseException as exc:  # a bug: full traceback in the cell's log, one line to the parent
@@ -92,20 +64,20 @@ def _run(job: dict, threads: int) -> dict:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
 
     from calibration import CalibrationError
-    from exporters.common import ExportError
+    from exporters import ExportError
 
     from .. import artefact
     from ..errors import EdgeError
+    from ..options import ExportOptions
     from ..pipeline import export
-    from ..targets import ExportOptions
 
-    options = ExportOptions(**job["options"])
+    options = ExportOptions.from_dict(job["options"])
     print(f"matrix cell {job['arch']} {job['target']} {job['precision']} (weights {job['weights']}, "
           f"{threads} torch thread(s))", flush=True)
     try:
         result = export(job["arch"], job["target"], job["precision"], job["weights"], job.get("calib"), job["out"],
                         options=options, strict_calib=bool(job.get("strict_calib")),
-                        lock_timeout=float(job.get("lock_timeout", 600.0)))
+                        lock_timeout=float(job.get("lock_timeout", 600.0)), timing_dir=job.get("timing_dir"))
     except EdgeError as exc:
         print(exc.one_line(), flush=True)
         msg = {"kind": "error", "family": exc.family, "exit_code": exc.exit_code, "reason": _reason(exc)}
@@ -122,6 +94,26 @@ def _run(job: dict, threads: int) -> dict:
     print(result.summary(), flush=True)
     return {"kind": "done", "status": result.status, "bundle": str(result.path),
             "manifest_sha": artefact.sha256_file(result.path / artefact.MANIFEST)}
+
+
+def _time(job: dict) -> dict:
+    """The timing phase of one built cell: latency (and INT8 vs FP32 side by side) written into its manifest."""
+    import logging
+
+    from .. import artefact
+    from ..errors import EdgeError
+    from ..pipeline import time_bundle
+
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    print(f"matrix timing of {job['bundle']}", flush=True)
+    try:
+        manifest = time_bundle(job["bundle"], job["timing_dir"], threads=int(job.get("threads", 1)),
+                               seed=int(job.get("seed", 0)))
+    except EdgeError as exc:
+        print(exc.one_line(), flush=True)
+        return {"kind": "error", "family": exc.family, "exit_code": exc.exit_code, "reason": _reason(exc)}
+    return {"kind": "done", "status": manifest["status"], "bundle": job["bundle"],
+            "manifest_sha": artefact.sha256_file(f"{job['bundle']}/{artefact.MANIFEST}")}
 
 
 def _reason(exc) -> str:

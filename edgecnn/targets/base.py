@@ -1,5 +1,5 @@
-"""What a deployment target plugs into the pipeline: build files into a staging folder, and open a
-runner on a finished bundle (or say honestly that no runtime for it exists on this machine)."""
+"""What a deployment target plugs into the pipeline: build files into a staging folder, and open a runner on a
+finished bundle (or say honestly that no runtime for it exists on this machine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,32 +9,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from calibration import CalibrationSet, InputSpec
+from exporters import Precision
 
-
-@dataclass
-class ExportOptions:
-    opset: int = 17
-    onnx_exporter: str = "auto"          # auto | torchscript | dynamo
-    simplify: bool = True
-    seed: int = 0
-    calib_size: int = 256
-    eval_size: int = 96
-    threads: int = 1                     # latency threads (1: two never beat one on a shared 2-core box)
-    latency: bool = True
-    int8_min_agreement: float = 0.99
-    extra: Dict[str, Any] = field(default_factory=dict)  # target-specific options (e.g. ios=17, trt_version)
-
-    def number(self, key: str, default: float, kind: type = float):
-        """A numeric target option (``--target-option KEY=VALUE``) as ``kind``, or one clear usage error
-        naming the option (a typo'd value would otherwise surface as an "unexpected ValueError" mid-export)."""
-        value = self.extra.get(key, default)
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            from ..errors import UsageError
-
-            raise UsageError(f"target option {key}={value!r} is not a {'whole ' if kind is int else ''}number",
-                             hint=f"e.g. --target-option {key}={default}") from None
+from ..options import ExportOptions
 
 
 @dataclass
@@ -43,7 +20,7 @@ class BuildContext:
     model: Any                           # torch.nn.Module in eval mode, FP32
     spec: InputSpec
     labels: List[str]
-    precision: str
+    precision: Precision
     calib: CalibrationSet
     eval_inputs: np.ndarray              # held-out inputs (never used for calibration)
     reference: np.ndarray                # PyTorch FP32 outputs on eval_inputs
@@ -51,30 +28,42 @@ class BuildContext:
     options: ExportOptions
     metadata: Dict[str, str]             # goes into the model file's own metadata fields
     say: Callable[[str], None] = print   # progress lines for long work
+    timing_dir: Optional[Path] = None    # latency deferred (the matrix): leave what its timing needs here
+
+
+# what a deferred timing needs besides the bundle (``BuildContext.timing_dir``)
+FP32_FOR_TIMING = "fp32.onnx"                    # the FP32 model an INT8 ONNX model is timed against
+INT8_DEFAULTS_FOR_TIMING = "int8-defaults.onnx"  # the INT8 model without the fallback's float layers
 
 
 @dataclass
 class BuildOutput:
+    """What a target built; each field has its own place in the manifest (``edgecnn.manifest``)."""
+
     model_file: str                      # bundle-relative path of the file the validator runs
     files: List[str]                     # every file the target wrote (bundle-relative)
     export: Dict[str, Any] = field(default_factory=dict)   # how it was produced (exporter, opset, nodes …)
-    recipe: Dict[str, Any] = field(default_factory=dict)   # precision recipe (quantization details)
+    recipe: Dict[str, Any] = field(default_factory=dict)   # precision recipe (``Int8Record`` for INT8)
     pending: Optional[str] = None        # set when validation must happen elsewhere (e.g. on a Jetson)
     failed: Optional[str] = None         # set when a check the target ran itself failed (the bundle is kept
                                          # as <target>-<precision>.failed, like a failed parity gate)
-    extra: Dict[str, Any] = field(default_factory=dict)    # more manifest fields, target-specific
+    output: Optional[Dict[str, Any]] = None      # the model's outputs, where a target has more than the logits
+    int8: Optional[Dict[str, Any]] = None        # INT8 speed and size against FP32, measured side by side
+    tensorrt: Optional[Dict[str, Any]] = None    # the TensorRT section: engine, build recipes, device tool
+    coreml: Optional[Dict[str, Any]] = None      # the Core ML section: variants, metadata
+    local_checks: List[Dict[str, Any]] = field(default_factory=list)   # checks of a pending bundle run here
 
 
 class Target:
     name: str = ""
-    precisions: Tuple[str, ...] = ()
+    precisions: Tuple[Precision, ...] = ()
     description: str = ""
 
     def build(self, ctx: BuildContext, staging: Path) -> BuildOutput:
         raise NotImplementedError
 
     def open_runner(self, bundle: Path, manifest: dict, threads: int = 1):
-        """A runner for the bundle's model on this machine, or None when no runtime exists here."""
+        """A runner (``exporters.runner.Runner``) on the bundle's model here, or None when no runtime exists here."""
         raise NotImplementedError
 
     def runtime_unavailable_reason(self, manifest: dict) -> str:

@@ -1,40 +1,44 @@
-"""Validate a finished bundle on this machine from its own ``reference.npz`` (no torch, no images)."""
+"""Validate a finished bundle on this machine from its own ``reference.npz`` (no torch, no source images)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from calibration import InputSpec, normalize
 
-from .. import artefact, targets
-from ..errors import InputError, IntegrityError
-from . import REFERENCE_FILE, check_parity, measure_latency
+from ..errors import IntegrityError
+from . import REFERENCE_FILE, check_parity
+from .latency import measure_latency
 
 
-def validate_bundle(root: str | Path, *, threads: int = 1, latency: bool = True, min_agreement: float = 0.99) -> dict:
-    """Verify hashes, run the model on the bundled reference inputs, gate, time. Returns a results dict."""
-    root = Path(root)
-    manifest = artefact.verify(root)  # refuses a tampered bundle before running anything in it
-    tgt = targets.get(manifest["target"])
-    ref_path = root / manifest.get("reference_file", REFERENCE_FILE)
+def load_reference(root: Path, manifest: dict) -> tuple:
+    """(normalised inputs, PyTorch FP32 outputs, labels or None) from the bundle's reference file."""
+    ref_path = Path(root) / manifest.get("reference_file", REFERENCE_FILE)
     if not ref_path.exists():
         raise IntegrityError(f"{ref_path} is missing", hint="re-export: bundles carry their reference outputs")
     with np.load(ref_path, allow_pickle=False) as ref:
         pixels, reference = ref["pixels"], ref["reference"]
         labels = ref["labels"] if "labels" in ref.files else None  # written when the eval images were labelled
-    spec = InputSpec.from_dict(manifest["input"])
-    inputs = normalize(pixels, spec)
-    runner = tgt.open_runner(root, manifest, threads=threads)
-    if runner is None:
-        return {"status": "pending", "reason": tgt.runtime_unavailable_reason(manifest)}
+    return normalize(pixels, InputSpec.from_dict(manifest["input"])), reference, labels
+
+
+def validate_bundle(root: str | Path, manifest: dict, runner, *, latency: bool = True,
+                    min_agreement: Optional[float] = None) -> dict:
+    """Run ``runner`` (opened on the bundle's model) on the bundled reference inputs, gate, time.
+    ``manifest``: the bundle's verified manifest. Returns a results dict."""
+    inputs, reference, labels = load_reference(Path(root), manifest)
+    recorded = manifest.get("parity") or {}
+    if min_agreement is None:
+        min_agreement = ((manifest.get("recipe") or {}).get("fallback") or {}).get("bar", {}).get("gate_min_agreement") \
+            or 0.99
     parity = check_parity(runner, inputs, reference, manifest["precision"], trained=manifest["weights"]["pretrained"],
-                          labels=labels, min_agreement=min_agreement,
-                          noise_floor=(manifest.get("parity") or {}).get("fp32_noise_floor"))
+                          labels=labels, min_agreement=min_agreement, noise_floor=recorded.get("fp32_noise_floor"))
     result = {"status": "validated" if parity.passed else "failed", "parity": parity.to_dict(),
               "runtime": runner.describe()}
-    if latency and parity.passed and getattr(runner, "latency_reason", None):
+    if latency and parity.passed and runner.latency_reason:
         result["latency"] = {"not_measured": runner.latency_reason}
     elif latency and parity.passed:
-        result["latency"] = measure_latency(runner, spec.shape)
+        result["latency"] = measure_latency(runner, InputSpec.from_dict(manifest["input"]).shape)
     return result

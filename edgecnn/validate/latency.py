@@ -5,12 +5,11 @@ Time-boxed rather than count-boxed, because these machines are shared: at least 
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,13 +31,8 @@ class Latency:
 
 def time_runs(fn: Callable[[], object], batch: int, *, warmup: int = 5, min_runs: int = 30, min_seconds: float = 1.0,
               max_seconds: float = 8.0, max_runs: int = 2000) -> Latency:
-    with exclusive_timing():
-        return _time_runs(fn, batch, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
-                          max_seconds=max_seconds, max_runs=max_runs)
-
-
-def _time_runs(fn: Callable[[], object], batch: int, *, warmup: int, min_runs: int, min_seconds: float,
-               max_seconds: float, max_runs: int) -> Latency:
+    """Call ``fn`` ``warmup`` times, then time it: at least ``min_runs`` runs and ``min_seconds``, at most
+    ``max_seconds`` or ``max_runs``."""
     for _ in range(warmup):
         fn()
     times = []
@@ -55,26 +49,6 @@ def _time_runs(fn: Callable[[], object], batch: int, *, warmup: int, min_runs: i
     return Latency(batch=batch, runs=len(a), p50_ms=p50, p90_ms=float(np.percentile(a, 90)),
                    p99_ms=float(np.percentile(a, 99)), mean_ms=float(a.mean()), min_ms=float(a.min()),
                    throughput_ips=batch / (p50 / 1000.0) if p50 > 0 else 0.0)
-
-
-_timing_guard: Optional[Callable[[], "contextlib.AbstractContextManager"]] = None
-
-
-def set_timing_guard(factory: Optional[Callable[[], "contextlib.AbstractContextManager"]]) -> None:
-    """Install a context-manager factory that every latency measurement runs inside.
-
-    ``edgecnn matrix`` runs several exports at once; its worker processes install a guard that asks the
-    matrix for an exclusive timing slot, and the matrix pauses the other cells until the timing is done,
-    so no cell's latency is measured while another cell competes for the CPU. None (a plain
-    ``edgecnn export``): no guard. Guards must be reentrant: ``measure_latency`` holds one slot for both
-    of its timings and ``time_runs`` (also used directly, e.g. for side-by-side ratios) enters it again.
-    """
-    global _timing_guard
-    _timing_guard = factory
-
-
-def exclusive_timing() -> "contextlib.AbstractContextManager":
-    return _timing_guard() if _timing_guard is not None else contextlib.nullcontext()
 
 
 def machine_description() -> dict:
@@ -98,3 +72,73 @@ def machine_description() -> dict:
     except OSError:
         pass
     return info
+
+
+def measure_latency(runner, input_shape: Sequence[int], *, throughput_batch: int = 8, seed: int = 0,
+                    max_seconds: float = 6.0) -> dict:
+    """Batch-1 latency and a throughput batch of ``runner``, on random inputs of the model's shape."""
+    rng = np.random.default_rng(seed)
+    x1 = rng.standard_normal((1, *input_shape)).astype(np.float32)
+    xb = rng.standard_normal((throughput_batch, *input_shape)).astype(np.float32)
+    one = time_runs(lambda: runner.run(x1), 1, max_seconds=max_seconds)
+    many = time_runs(lambda: runner.run(xb), throughput_batch, min_runs=10, max_seconds=max_seconds)
+    return {"batch1": one.to_dict(), "throughput": many.to_dict(),
+            "load_seconds": round(float(runner.load_seconds), 4), "runtime": runner.describe(),
+            "machine": machine_description()}
+
+
+def quick_speedup(fp32_path, shape, *, threads: int = 1, rounds: int = 2, seconds: float = 0.3):
+    """A callable ``path -> speed-up over FP32`` for the INT8 fallback's speed floor: FP32 and the candidate
+    timed alternately at batch 1 (short: it runs once per kept fallback step; the final artefact is timed
+    properly by ``side_by_side``)."""
+    from exporters.onnx.runner import OnnxRuntimeRunner
+
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    fp32 = OnnxRuntimeRunner(fp32_path, threads=threads)
+
+    def measure(path) -> float:
+        cand = OnnxRuntimeRunner(path, threads=threads)
+        t = {"fp32": [], "int8": []}
+        for _ in range(rounds):
+            for k, r in (("fp32", fp32), ("int8", cand)):
+                t[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=5, min_seconds=seconds,
+                                      max_seconds=4 * seconds).p50_ms)
+        cand.close()
+        return float(np.median(t["fp32"]) / np.median(t["int8"]))
+
+    return measure
+
+
+def side_by_side(fp32_path, int8_path, shape, *, threads: int = 1, rounds: int = 3, seconds: float = 1.0,
+                 seed: int = 0, defaults_path=None) -> dict:
+    """Batch-1 latency of the FP32 and INT8 ONNX models measured alternately in one run (a busy machine slows
+    both alike); the speed-up is the ratio of the medians of the per-round p50s. ``defaults_path``: the INT8
+    model without the fallback's float layers, timed in the same rounds, so their cost is a measured ratio."""
+    import os
+
+    from exporters.onnx.runner import OnnxRuntimeRunner
+
+    x = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
+    runners = {"fp32": OnnxRuntimeRunner(fp32_path, threads=threads), "int8": OnnxRuntimeRunner(int8_path, threads=threads)}
+    if defaults_path is not None:
+        runners["int8_defaults"] = OnnxRuntimeRunner(defaults_path, threads=threads)
+    p50 = {k: [] for k in runners}
+    for _ in range(rounds):
+        for k, r in runners.items():
+            p50[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=10, min_seconds=seconds,
+                                    max_seconds=4 * seconds).p50_ms)
+    for r in runners.values():
+        r.close()
+    fp32, int8 = float(np.median(p50["fp32"])), float(np.median(p50["int8"]))
+    out = {}
+    if defaults_path is not None:
+        d = float(np.median(p50["int8_defaults"]))
+        out = {"int8_without_fallback_p50_ms": round(d, 3), "speedup_without_fallback": round(fp32 / d, 3),
+               "fallback_slowdown": round(int8 / d, 3)}
+    out.update({"fp32_p50_ms": round(fp32, 3), "int8_p50_ms": round(int8, 3), "speedup_vs_fp32": round(fp32 / int8, 3),
+                "threads": threads, "rounds": rounds, "batch": 1,
+                "fp32_bytes": os.path.getsize(fp32_path), "int8_bytes": os.path.getsize(int8_path),
+                "size_ratio": round(os.path.getsize(int8_path) / os.path.getsize(fp32_path), 3),
+                "machine": machine_description(),
+                "method": "FP32 and INT8 sessions timed alternately in the same process, median of per-round p50"})
+    return out

@@ -7,11 +7,13 @@ carries the portable inputs of the build and the tool that runs it on the device
   FP32/FP16 builds on TensorRT <= 10, and implicit-INT8 builds with the calibration cache;
 * ``model.fp16.onnx`` (FP16 bundles): typed FP16 weights and compute, FP32 I/O, for TensorRT >= 11, which
   builds strongly typed networks only;
-* ``model.int8.qdq.onnx`` (INT8 bundles): the ``trt`` Q/DQ recipe (``exporters.quant_trt``), checked by
-  ``exporters.qdq_check``: explicit quantization, the only INT8 path on TensorRT 11;
+* ``model.int8.qdq.onnx`` (INT8 bundles): the ``trt`` Q/DQ recipe (``exporters.tensorrt.quant``, run by the
+  INT8 engine), checked by ``exporters.tensorrt.qdq_check``: explicit quantization, the only INT8 path on
+  TensorRT 11;
 * ``calibration.cache`` (INT8 bundles): TensorRT's text cache written from the same ranges, for DLA and
   implicit-INT8 builds on TensorRT <= 10, header version chosen for the target TensorRT;
-* ``edgecnn_trt.py``: the on-device tool (Python >= 3.8, NumPy, TensorRT only).
+* ``edgecnn_trt.py``: the on-device tool (Python >= 3.8, NumPy, TensorRT only), and ``edgecnn_parity.py``
+  beside it: a byte-identical copy of ``exporters/parity.py``, so the device judges parity with the same code.
 
 No metadata is glued in front of any file: it sits in the ONNX files' own metadata and in manifest.json.
 """
@@ -25,19 +27,22 @@ from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from calibration import trt_cache
 
-from . import onnx as onnx_exporter
-from . import qdq_check, quant_trt, trt_device
-from .common import ExportError
+from .. import parity
+from ..errors import ExportError
+from ..onnx import export as onnx_exporter
+from . import device as trt_device
+from . import qdq_check
 
 MODEL_FP32 = "model.onnx"
 MODEL_FP16 = "model.fp16.onnx"
 MODEL_INT8 = "model.int8.qdq.onnx"
 CALIBRATION_CACHE = "calibration.cache"
 DEVICE_TOOL = "edgecnn_trt.py"
+PARITY_COPY = trt_device.PARITY_MODULE
 OPSET = 17
 DEFAULT_TRT_VERSION = trt_cache.DEFAULT_TRT_VERSION
 
-# What the bundle is made for (DESIGN §3): JetPack -> TensorRT, Python.
+# What the bundle is made for: JetPack -> TensorRT, Python.
 INTENDED = {
     "tensorrt": ">= 8.5.2 (API by version: <= 10 builder flags, 11 strongly typed)",
     "jetpack": [
@@ -52,16 +57,13 @@ INTENDED = {
 }
 
 
-def device_tool_source() -> Path:
-    """The on-device tool as shipped in the package (``exporters/trt_device.py``)."""
-    return Path(trt_device.__file__)
-
-
-def copy_device_tool(dest_dir: str | os.PathLike) -> str:
-    dst = Path(dest_dir) / DEVICE_TOOL
-    shutil.copyfile(device_tool_source(), dst)
-    dst.chmod(dst.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return DEVICE_TOOL
+def copy_device_tool(dest_dir: str | os.PathLike) -> list:
+    """Write ``edgecnn_trt.py`` (executable) and ``edgecnn_parity.py`` into ``dest_dir``; returns their names."""
+    tool = Path(dest_dir) / DEVICE_TOOL
+    shutil.copyfile(trt_device.__file__, tool)
+    tool.chmod(tool.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    shutil.copyfile(parity.__file__, Path(dest_dir) / PARITY_COPY)
+    return [DEVICE_TOOL, PARITY_COPY]
 
 
 def build_recipes(precision: str, files: Sequence[str], spec, *, max_batch: int = 8, workspace_mb: int = 1024) -> dict:
@@ -86,14 +88,12 @@ def build_recipes(precision: str, files: Sequence[str], spec, *, max_batch: int 
     return out
 
 
-def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, calib_batches: Optional[Callable[[], Iterable]] = None,
-                 opset: int = OPSET, exporter: str = "auto", simplify: bool = True, metadata: Optional[Dict[str, str]] = None,
-                 trt_version: str = DEFAULT_TRT_VERSION, range_method: str = "minmax",
-                 nodes_to_exclude: Sequence[str] = (), say: Callable[[str], None] = print) -> dict:
-    """Write the bundle's model files and device tool into ``out_dir``; returns what was written and how.
-
-    ``calib_batches``: a callable returning an iterable of float32 NCHW calibration batches (INT8 only).
-    """
+def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, opset: int = OPSET,
+                 exporter: str = "auto", simplify: bool = True, metadata: Optional[Dict[str, str]] = None,
+                 say: Callable[[str], None] = print) -> dict:
+    """Write the bundle's float model files and the device tool into ``out_dir``; returns what was written
+    and how. INT8 bundles then get ``MODEL_INT8`` from the INT8 engine and ``write_calibration_cache``."""
+    precision = str(precision)
     if precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"TensorRT bundles are fp32, fp16 or int8, not {precision!r}")
     if opset > OPSET:
@@ -108,8 +108,6 @@ def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, ca
         raise ExportError(f"the {info.exporter} exporter produced opset {info.opset}; TensorRT 8.5/8.6 parse <= {OPSET}",
                           hint="use --onnx-exporter torchscript (it honours opset 17)")
     recipe: dict = {"precision": precision}
-    extra: dict = {}
-    ranges = None
     if precision == "fp16":
         say("writing model.fp16.onnx (typed FP16, for TensorRT >= 11 strongly typed builds)")
         onnx_exporter.convert_fp16(out / MODEL_FP32, out / MODEL_FP16)
@@ -119,27 +117,22 @@ def write_bundle(module, spec, precision: str, out_dir: str | os.PathLike, *, ca
     elif precision == "fp32":
         recipe.update(method="FP32 with TF32 disabled (parity gate 1e-4)")
     else:
-        if calib_batches is None:
-            raise ExportError("INT8 needs calibration images", hint="pass CALIB=<folder of images>")
-        say(f"INT8 trt recipe: calibrating ranges ({range_method}) and writing Q/DQ for TensorRT")
-        qinfo = quant_trt.quantize_trt(out / MODEL_FP32, out / MODEL_INT8, calib_batches(), nodes_to_exclude,
-                                       method=range_method, max_opset=OPSET,
-                                       metadata={**(metadata or {}), "edgecnn.recipe": "trt"})
-        ranges = qinfo.pop("ranges")
-        cache = trt_cache.write_cache(out / CALIBRATION_CACHE, ranges, trt_version=trt_version)
         files += [MODEL_INT8, CALIBRATION_CACHE]
-        recipe.update(qinfo)
-        extra["calibration_cache"] = {
-            "file": CALIBRATION_CACHE, "header": cache.header, "tensors": len(cache.scales),
+    files += copy_device_tool(out)
+    return {"files": files, "export": info.to_dict(), "recipe": recipe,
+            "tensorrt": {"build_recipe": build_recipes(precision, files, spec)}}
+
+
+def write_calibration_cache(out_dir: str | os.PathLike, ranges, *, trt_version: str = DEFAULT_TRT_VERSION) -> dict:
+    """``calibration.cache`` from the INT8 engine's ranges (of model.onnx's tensors); returns its record."""
+    cache = trt_cache.write_cache(Path(out_dir) / CALIBRATION_CACHE, getattr(ranges, "ranges", ranges),
+                                  trt_version=trt_version)
+    return {"file": CALIBRATION_CACHE, "header": cache.header, "tensors": len(cache.scales),
             "for": "DLA and implicit-INT8 builds on TensorRT <= 10 (edgecnn_trt.py rewrites the header to the "
                    "device's TensorRT version; the scales are portable)",
             "format": "TensorRT text cache: <tensor>: <hex of float32 bits of amax/127>",
-            "ranges_from": "the same calibration as model.int8.qdq.onnx, on model.onnx's tensors"}
-    files.append(copy_device_tool(out))
-    model_files = [f for f in files if f.endswith(".onnx")]
-    extra["build_recipe"] = build_recipes(precision, files, spec)
-    return {"files": files, "model_files": model_files, "export": info.to_dict(), "recipe": recipe, "tensorrt": extra,
-            "ranges": ranges if precision == "int8" else None}   # for the INT8 fallback's re-quantizations
+            "ranges_from": "the INT8 engine's calibration of model.onnx's tensors (the same ranges as "
+                           "model.int8.qdq.onnx); per-layer float choices of the fallback do not apply to it"}
 
 
 def check_qdq(path: str | os.PathLike) -> qdq_check.QdqReport:

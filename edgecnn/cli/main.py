@@ -1,4 +1,4 @@
-"""``edgecnn`` command line: export | validate | list | verify.
+"""``edgecnn`` command line: export | validate | list | verify, and the matrix, store and TensorRT commands.
 
 Every expected failure prints one line (what, where, what to do) and exits with its family's code
 (see ``edgecnn.errors``); ``--debug`` shows the traceback instead.
@@ -6,14 +6,15 @@ Every expected failure prints one line (what, where, what to do) and exits with 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import signal
 import sys
 from typing import List, Optional
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgeError, Interrupted
+from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgeError, Interrupted
+from . import matrix as matrix_cli, store as store_cli, trt as trt_cli
+from .options import EPILOG, add_export_options, count, options_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,20 +22,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} — see `{self.prog} --help`\n")
-
-
-def _count(minimum: int):
-    """argparse type: an integer >= ``minimum`` (a negative image count or 0 threads is a usage error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, not {value}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def _seconds(text: str) -> float:
@@ -48,11 +35,7 @@ def _seconds(text: str) -> float:
 
 
 def _add_export(sub) -> None:
-    from .target_options import TARGET_OPTIONS
-
-    epilog = "target options (--target-option KEY=VALUE; bool: true|false, yes|no, on|off or 1|0; list: comma separated):\n" + "\n".join(
-        f"  {key:<27} {kind:<5} {text}" for key, (kind, text) in TARGET_OPTIONS.items())
-    p = sub.add_parser("export", help="export an architecture to a validated artefact", epilog=epilog,
+    p = sub.add_parser("export", help="export an architecture to a validated artefact", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("arch", help="architecture name or alias (see `edgecnn list`)")
     p.add_argument("--target", "-t", default="onnx", help="onnx | trt | coreml (default onnx)")
@@ -61,12 +44,9 @@ def _add_export(sub) -> None:
     p.add_argument("--calib", default=None, help="calibration images: a folder, a .txt list or an .npy/.npz "
                                                   "(default: the bundled sample photos)")
     p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
-    p.add_argument("--calib-size", type=_count(0), default=256, help="calibration images to use (default 256; 0: all)")
-    p.add_argument("--eval-size", type=_count(0), default=96, help="held-out images for parity (default 96; 0: all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling and splitting (default 0)")
-    p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image, or on a calibration set smaller than "
-                                                                      "--calib-size, instead of warning")
-    p.add_argument("--num-classes", type=_count(1), default=None, help="classes of a custom checkpoint's head")
+    p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image, or on a "
+                   "calibration set smaller than --calib-size, instead of warning")
+    p.add_argument("--num-classes", type=count(1), default=None, help="classes of a custom checkpoint's head")
     p.add_argument("--labels", default=None, help="labels file (one per line) for a custom checkpoint")
     g = p.add_argument_group("input of a custom-trained checkpoint (default: the zoo entry's; recorded in the manifest)")
     g.add_argument("--input-size", type=int, default=None, metavar="PX", help="square input size the net was trained at")
@@ -79,26 +59,9 @@ def _add_export(sub) -> None:
                         "for a 3-channel net)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a full-model pickle (runs code from the file: only for files you trust)")
-    p.add_argument("--opset", type=_opset, default=17, help="ONNX opset (default 17: TensorRT 8.5/8.6 parse <= 17)")
-    p.add_argument("--onnx-exporter", default="auto", choices=("auto", "torchscript", "dynamo"))
-    p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
-    p.add_argument("--threads", type=_count(1), default=1, help="threads for latency measurement (default 1)")
-    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--int8-min-agreement", type=float, default=0.99,
-                   help="INT8 gate: top-1 agreement with FP32 on held-out images (default 0.99)")
-    p.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy", "mse"),
-                   help="INT8 activation range estimation (default minmax; ranges are cached per model + calibration set)")
-    p.add_argument("--no-int8-fallback", action="store_true",
-                   help="INT8: skip the per-layer sensitivity analysis and float fallback")
-    p.add_argument("--weight-rounding", default="gptq", choices=("gptq", "nearest"),
-                   help="INT8 weights: gptq = rounded with error compensation on the calibration images (default), "
-                        "nearest = plain rounding")
-    p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
-                   help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
-    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a target option without a flag of its own (listed below); repeatable; applied after "
-                        "the flags above, so it wins over them")
-    p.add_argument("--lock-timeout", type=_seconds, default=600.0, help="seconds to wait for another export of the same bundle")
+    add_export_options(p)
+    p.add_argument("--lock-timeout", type=_seconds, default=600.0,
+                   help="seconds to wait for another export of the same bundle (default 600)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of the summary")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
 
@@ -116,8 +79,8 @@ def _input_override(args):
         return None
     from calibration import derive_spec
 
-    from . import zoo
-    from .errors import UsageError
+    from .. import zoo
+    from ..errors import UsageError
 
     try:
         entry = zoo.resolve(args.arch)
@@ -131,21 +94,11 @@ def _input_override(args):
 
 
 def _cmd_export(args) -> int:
-    from .pipeline import export
-    from .target_options import parse_target_options
-    from .targets import ExportOptions
+    from ..pipeline import export
 
-    target = args.target
-    precision = args.precision or ("fp16" if target.strip().lower() == "coreml" else "fp32")
-    options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
-                            seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
-                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement,
-                            extra={"calib_method": args.calib_method, "int8_fallback": not args.no_int8_fallback,
-                                   "weight_rounding": args.weight_rounding,
-                                   **({"ios": args.ios} if args.ios is not None else {}),
-                                   **parse_target_options(args.target_option)})
-    result = export(args.arch, target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
-                    labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options,
+    precision = args.precision or ("fp16" if args.target.strip().lower() == "coreml" else "fp32")
+    result = export(args.arch, args.target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
+                    labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options_from_args(args),
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet,
                     input_spec=_input_override(args))
     print(json.dumps(result.manifest, indent=2) if args.json else result.summary())
@@ -153,10 +106,10 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .errors import GateFailed
-    from .validate.bundle import validate_bundle
+    from ..errors import GateFailed
+    from ..pipeline import validate
 
-    result = validate_bundle(args.dir, threads=args.threads, latency=not args.no_latency)
+    result = validate(args.dir, threads=args.threads, latency=not args.no_latency)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -183,7 +136,7 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from . import zoo, weights
+    from .. import weights, zoo
 
     rows = []
     for e in zoo.entries():
@@ -209,7 +162,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from .artefact import verify
+    from ..artefact import verify
 
     for d in args.dirs:
         m = verify(d)
@@ -226,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     v = sub.add_parser("validate", help="validate an artefact folder on this machine (parity + latency)")
     v.add_argument("dir")
-    v.add_argument("--threads", type=_count(1), default=1)
+    v.add_argument("--threads", type=count(1), default=1)
     v.add_argument("--no-latency", action="store_true")
     v.add_argument("--json", action="store_true")
     l = sub.add_parser("list", help="list the architectures of the zoo")
@@ -234,19 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--json", action="store_true")
     f = sub.add_parser("verify", help="check an artefact's files against its manifest's sha256")
     f.add_argument("dirs", nargs="+")
-    for module_name in COMMAND_MODULES:
-        # Each feature module adds its own subcommands: register(sub) -> {name: handler(args) -> exit code}
-        COMMANDS.update(importlib.import_module(module_name).register(sub))
+    for module in (matrix_cli, store_cli, trt_cli):   # each adds its subcommands: {name: handler(args) -> exit code}
+        COMMANDS.update(module.register(sub))
     return parser
 
 
 COMMANDS = {"export": _cmd_export, "validate": _cmd_validate, "list": _cmd_list, "verify": _cmd_verify}
-# Modules that contribute subcommands (one line each; keep sorted).
-COMMAND_MODULES: List[str] = [
-    "edgecnn.cli_matrix",
-    "edgecnn.cli_store",
-    "edgecnn.trt_commands",
-]
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -276,17 +222,6 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _opset(text: str) -> int:
-    """argparse type: an ONNX opset the installed onnx knows (7 is the oldest any exporter writes)."""
-    value = _count(7)(text)
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
-    if value > newest:
-        raise argparse.ArgumentTypeError(f"opset {value} is newer than this onnx knows ({newest})")
-    return value
-
-
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -295,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from .versions import edgecnn_version
+        from ..versions import edgecnn_version
 
         print(f"edgecnn {edgecnn_version()}")
         return 0

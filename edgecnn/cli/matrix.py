@@ -6,16 +6,18 @@ message names each regressed cell and its numbers — and the usual families for
 """
 from __future__ import annotations
 
-import sys
+from ..matrix.defaults import DEFAULT_ARCHS, DEFAULT_PRECISIONS, DEFAULT_TARGETS
+from .options import EPILOG, add_export_options, options_from_args
 
 
 def register(sub) -> dict:
-    from .matrix.defaults import DEFAULT_ARCHS, DEFAULT_PRECISIONS, DEFAULT_TARGETS
+    import argparse
 
     p = sub.add_parser("matrix", help="export + validate + score every arch x target x precision, with a report",
                        description="Runs the export pipeline for every cell of ARCHS x TARGETS x PRECISIONS in "
                                    "parallel, reuses cells whose inputs are unchanged, compares with the scorecard "
-                                   "and writes report.md / report.html.")
+                                   "and writes report.md / report.html.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", "-a", nargs="+", default=None,
                    help=f"architectures, space or comma separated (default: the focus nets: {', '.join(DEFAULT_ARCHS)})")
     p.add_argument("--targets", "-t", nargs="+", default=None,
@@ -43,36 +45,19 @@ def register(sub) -> dict:
     p.add_argument("--strict", action="store_true", help="exit non-zero when any cell failed, scored or not")
     p.add_argument("--sensitivity-arch", default=None, help="arch whose per-layer INT8 sensitivity is plotted "
                                                             "(default: the first INT8 cell that has one)")
-    p.add_argument("--calib-size", type=int, default=256)
-    p.add_argument("--eval-size", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict-calib", action="store_true")
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--onnx-exporter", default="auto", choices=("auto", "torchscript", "dynamo"))
-    p.add_argument("--no-simplify", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="threads for latency measurement (default 1)")
-    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--int8-min-agreement", type=float, default=0.99)
-    p.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a target option (ExportOptions.extra), e.g. ios=17 or empirical_bias_correction=false; repeatable; "
-                        "`edgecnn export --help` lists them")
+    p.add_argument("--strict-calib", action="store_true", help="fail a cell on an unreadable calibration image")
+    add_export_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress display (the summary line still prints)")
     return {"matrix": _cmd_matrix}
 
 
 def _cmd_matrix(args) -> int:
-    from .errors import GateFailed, UsageError
-    from .matrix.defaults import DEFAULT_ARCHS, DEFAULT_PRECISIONS, DEFAULT_TARGETS
-    from .matrix.run import MatrixConfig, run_matrix
-    from .target_options import parse_target_options
-    from .targets import ExportOptions
+    from ..errors import GateFailed, UsageError
+    from ..matrix.run import MatrixConfig, run_matrix
 
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (got {args.jobs})")
-    extra = parse_target_options(args.target_option)
-    options = ExportOptions(opset=args.opset, onnx_exporter=args.onnx_exporter, simplify=not args.no_simplify,
-                            seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size, threads=args.threads,
-                            latency=not args.no_latency, int8_min_agreement=args.int8_min_agreement, extra=extra)
+    options = options_from_args(args)
     if args.update_scorecard and args.no_scorecard:
         raise UsageError("--update-scorecard and --no-scorecard contradict each other")
     cfg = MatrixConfig(archs=args.archs or DEFAULT_ARCHS, targets=args.targets or DEFAULT_TARGETS,

@@ -22,7 +22,7 @@ solved per group. No library does this for Conv Q/DQ models (onnxruntime's GPTQ 
 weights of language models), hence the hand-written code here.
 
 The modified model is only the quantizer's input: parity is always judged against the original FP32
-model, and a layer the fallback keeps float gets its original weights back (``quant_ort.restore_biases``).
+model, and a layer the fallback keeps float gets its original weights back (``exporters.int8.onnx_space``).
 """
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ def _accumulate(model_path: str, layers: List[_Layer], batches: Callable[[], Ite
     """Fill ``layer.h`` for every layer, in as many passes over the images as ``PASS_BYTES`` needs."""
     import torch
 
-    from calibration.ranges import iter_tensors
+    from ..onnx.runner import iter_tensors
 
     gen = torch.Generator().manual_seed(0)
     images = 0

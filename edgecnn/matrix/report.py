@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .matrix.results import CellResult
+from .results import CellResult
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "int8-weights")
 MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int8-weights": "D"}
@@ -243,14 +243,13 @@ def plot_sensitivity(r: CellResult, path: Path, top: int = 30) -> str:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def write(run, run_dir: Path) -> Dict[str, str]:
-    from .matrix.run import run_info
-
+def write(run, run_dir: Path, info: dict) -> Dict[str, str]:
+    """report.md, report.html and results.json of ``run`` (a ``MatrixRun``) into ``run_dir``; ``info``: the
+    run's configuration and machine (``run.run_info``)."""
     run_dir = Path(run_dir)
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     results = run.results
-    info = run_info(run)
     plots: List[Tuple[str, str, str]] = []      # (title, path, caption)
     notes: List[str] = []
 
@@ -307,10 +306,9 @@ def _legend_lines(run) -> List[str]:
         "validated where its runtime exists (e.g. a Jetson for TensorRT); ❌ failed, with the reason.",
         "Parity is measured on held-out real images (never the calibration images) against the PyTorch FP32 "
         "reference; † random-init weights: numeric parity is real, agreement/accuracy mean little.",
-        "Latency: batch 1, as measured by each export on its runtime (threads as in the options). The matrix runs "
-        f"{run.jobs} cells at a time but pauses all the others while one cell times its model, so the numbers "
-        "are not skewed by the matrix itself; other users of a shared machine still add noise (see the load "
-        "average above).",
+        "Latency: batch 1, on each artefact's runtime (threads as in the options). The matrix builds and checks "
+        f"{run.jobs} cells at a time, then times the cells one after another, so no cell is timed while another "
+        "runs; other users of a shared machine still add noise (see the load average above).",
         "Speed-up vs FP32 = FP32 p50 / this p50 for the same arch and target; ‡ = from two separate cells' "
         "measurements (not side by side); no mark = measured side by side in one export.",
         "Time s: wall time of the cell in this run (for reused cells, the original export time).",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _STORE_HELP = ("a folder (default ./artefact-store, or $EDGECNN_STORE), http(s)://… (read-only) or "
                "s3://bucket[/prefix]")
@@ -59,19 +59,19 @@ def register(sub) -> dict:
 
 
 def _open(args):
-    from .store import open_store
+    from ..store import open_store
 
     return open_store(args.store, endpoint_url=args.s3_endpoint)
 
 
 def _precision(target: str, precision):
-    from .store.index import normalize_target
+    from ..store.index import normalize_target
 
     return (precision or ("fp16" if normalize_target(target) == "coreml" else "fp32")).strip().lower()
 
 
 def _cmd_publish(args) -> int:
-    from .store import publish
+    from ..store import publish
 
     store = _open(args)
     results = [publish(d, store, args.art_version, allow_unvalidated=args.allow_unvalidated) for d in args.dirs]
@@ -83,8 +83,8 @@ def _cmd_publish(args) -> int:
 
 
 def _cmd_pull(args) -> int:
-    from .store import index as idx, lockfile, pull, pull_entry
-    from .store.backends import open_store
+    from ..store import index as idx, lockfile, pull, pull_entry
+    from ..store.backends import open_store
 
     if args.lock:
         if args.arch or args.art_version or args.write_lock:
@@ -110,7 +110,7 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_ls(args) -> int:
-    from .store import index as idx
+    from ..store import index as idx
 
     store = _open(args)
     entries = [e for e in store.read_index()["artefacts"] if args.arch in (None, e["arch"])]
@@ -139,7 +139,7 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_lock(args) -> int:
-    from .store import index as idx, lockfile
+    from ..store import index as idx, lockfile
 
     if args.lock_command != "add":
         raise UsageError("say what to do with the lock file", hint="edgecnn lock add ARCH --target … --from STORE")

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from . import qdq_check
-from .common import ExportError
+from ..errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -43,42 +43,19 @@ METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm")
 
 
-# ------------------------------------------------------------------------------------------ calibration
-class _ArrayReader:
-    """onnxruntime CalibrationDataReader over float32 NCHW batches (an array or an iterable of arrays)."""
-
-    def __init__(self, input_name: str, batches: Iterable[np.ndarray], batch_size: int = 8):
-        self.input_name = input_name
-        self._batches = []
-        for b in batches:
-            b = np.asarray(b, dtype=np.float32)
-            for i in range(0, len(b), batch_size):
-                self._batches.append(np.ascontiguousarray(b[i:i + batch_size]))
-        self.images = sum(len(b) for b in self._batches)
-        self._it = iter(self._batches)
-
-    def get_next(self):
-        b = next(self._it, None)
-        return None if b is None else {self.input_name: b}
-
-    def rewind(self) -> None:
-        self._it = iter(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def set_range(self, start_index: int, end_index: int) -> None:  # CalibStridedMinMax protocol
-        self._it = iter(self._batches[start_index:end_index])
-
-
-def _as_ranges(obj) -> Optional[Dict[str, Tuple[float, float]]]:
-    """{tensor: (min, max)} from a TensorsData / mapping of TensorData or pairs; None if ``obj`` is data."""
+# ------------------------------------------------------------------------------------------ ranges
+def _as_ranges(obj) -> Dict[str, Tuple[float, float]]:
+    """{tensor: (min, max)} from a ``calibration.ranges.Ranges``, an onnxruntime ``TensorsData``, or a mapping
+    of ``TensorData`` / {"min", "max"} / pairs."""
     from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
+    if hasattr(obj, "ranges") and isinstance(obj.ranges, Mapping):   # calibration.ranges.Ranges
+        obj = obj.ranges
     if isinstance(obj, TensorsData):
         obj = obj.data
     if not isinstance(obj, Mapping):
-        return None
+        raise ExportError(f"the trt recipe needs precomputed ranges, not {type(obj).__name__}",
+                          hint="compute them with calibration.ranges.compute_ranges")
     out = {}
     for name, v in obj.items():
         if isinstance(v, TensorData):
@@ -89,57 +66,6 @@ def _as_ranges(obj) -> Optional[Dict[str, Tuple[float, float]]]:
             lo, hi = v[0], v[1]
         out[str(name)] = (float(np.min(lo)), float(np.max(hi)))
     return out
-
-
-def calibrate_ranges(fp32_path: str | os.PathLike, data, *, method: str = "minmax", percentile: float = 99.999,
-                     work_dir: Optional[str] = None) -> Tuple[Dict[str, Tuple[float, float]], int]:
-    """Ranges of every float tensor of ``fp32_path`` over the calibration ``data`` with onnxruntime's
-    calibrators (all tensors, not only the quantized ones: the TensorRT calibration cache needs them all).
-
-    ``data``: a CalibrationDataReader, an N x C x H x W array, or an iterable of such batches.
-    Returns ({tensor: (min, max)}, images seen). The augmented model goes to a temporary folder.
-    """
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
-
-    if method not in METHODS:
-        raise ExportError(f"unknown range method {method!r}", hint=f"use one of {', '.join(METHODS)}")
-    model = onnx.load(os.fspath(fp32_path), load_external_data=False)
-    input_name = model.graph.input[0].name
-    if hasattr(data, "get_next"):
-        reader, images = data, getattr(data, "images", -1)
-    else:
-        batches = [data] if isinstance(data, np.ndarray) else data
-        reader = _ArrayReader(input_name, batches)
-        images = reader.images
-        if images == 0:
-            raise ExportError("no calibration images for INT8 range estimation",
-                              hint="pass a calibration folder with images (CALIB=...)")
-    cm = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-          "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"symmetric": True}
-    if method == "percentile":
-        extra["percentile"] = percentile
-    with tempfile.TemporaryDirectory(prefix="edgecnn-calib-", dir=work_dir) as tmp:
-        calibrator = create_calibrator(Path(os.fspath(fp32_path)), None,
-                                       augmented_model_path=os.path.join(tmp, "augmented_model.onnx"),
-                                       calibrate_method=cm, extra_options=extra)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
-                if isinstance(reader, _ArrayReader):
-                    # One batch per collect_data call: each call reduces what it holds to ranges/histograms, so
-                    # memory stays bounded on deep nets, and the histogram collectors never see batches of
-                    # mixed sizes in one call (they stack them). onnxruntime 1.32's own max_intermediate_outputs
-                    # drops the batches it clears instead of merging them, so it is not used.
-                    for start in range(len(reader)):
-                        reader.set_range(start, start + 1)
-                        calibrator.collect_data(reader)
-                else:
-                    calibrator.collect_data(reader)
-                tensors = calibrator.compute_data()
-        finally:
-            del calibrator
-    return _as_ranges(tensors), images
 
 
 # ------------------------------------------------------------------------------------------ graph fixes
@@ -312,44 +238,25 @@ class _DropPreprocessNag(logging.Filter):
         return "pre-process" not in record.getMessage() and "pre-processing" not in record.getMessage()
 
 
-def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration_data_reader_or_ranges,
+def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike, ranges,
                  nodes_to_exclude: Sequence[str] = (), *, keep_float: Union[str, Sequence[str]] = "auto",
-                 method: str = "minmax", max_opset: int = OPSET,
-                 metadata: Optional[Dict[str, str]] = None) -> dict:
+                 max_opset: int = OPSET, metadata: Optional[Dict[str, str]] = None) -> dict:
     """FP32 ONNX -> TensorRT-valid INT8 Q/DQ ONNX at ``out_path``; returns an info dict for the manifest.
 
-    ``calibration_data_reader_or_ranges``: an onnxruntime CalibrationDataReader, float32 N x C x H x W
-    calibration inputs (an array or an iterable of batches), or precomputed ranges ({tensor: (min, max)},
-    an onnxruntime ``TensorsData``) such as ``info["ranges"]`` of an earlier call.
-    ``nodes_to_exclude``: node names kept in float (Conv/Gemm, or a residual Add to keep its skip in float).
-    ``keep_float``: "auto" also keeps the known-hard layers in float (``default_float_layers``: squeeze-and-
-    excitation gates, the fully-connected classifier); () quantizes every Conv/Gemm not excluded; or a list.
+    ``ranges``: precomputed activation ranges (``calibration.ranges.Ranges``, {tensor: (min, max)}, or an
+    onnxruntime ``TensorsData``). ``nodes_to_exclude``: node names kept in float (Conv/Gemm, or a residual Add
+    to keep its skip in float). ``keep_float``: "auto" also keeps the known-hard layers in float
+    (``default_float_layers``: squeeze-and-excitation gates, the fully-connected classifier); () quantizes
+    every Conv/Gemm not excluded; or a list.
     """
     from onnxruntime import __version__ as ort_version
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     fp32_onnx_path, out_path = os.fspath(fp32_onnx_path), os.fspath(out_path)
     fp32 = onnx.load(fp32_onnx_path)
-    opset_in = qdq_check.default_opset(fp32)
-    if not (qdq_check.MIN_OPSET <= opset_in <= max_opset):
-        raise ExportError(f"{fp32_onnx_path} has opset {opset_in}; the trt recipe needs {qdq_check.MIN_OPSET}..{max_opset}",
-                          hint=f"re-export with --opset {max_opset}")
-    unknown = sorted(set(nodes_to_exclude) - {n.name for n in fp32.graph.node})
-    if unknown:
-        raise ExportError(f"nodes_to_exclude names nodes not in the model: {', '.join(unknown[:5])}")
-
-    t0 = time.perf_counter()
-    ranges = _as_ranges(calibration_data_reader_or_ranges)
-    images = None
-    if ranges is None:
-        ranges, images = calibrate_ranges(fp32_onnx_path, calibration_data_reader_or_ranges, method=method)
-    calib_seconds = time.perf_counter() - t0
-
-    if keep_float == "auto":
-        reasons = default_float_layers(fp32)
-    else:
-        reasons = {name: "kept float (keep_float)" for name in (keep_float or ())}
+    opset_in = _check_input(fp32, fp32_onnx_path, nodes_to_exclude, max_opset)
+    ranges = _as_ranges(ranges)
+    reasons = default_float_layers(fp32) if keep_float == "auto" else \
+        {name: "kept float (keep_float)" for name in (keep_float or ())}
     for name in nodes_to_exclude:
         reasons[name] = "excluded by the caller (e.g. the INT8 fallback)"
     to_quantize, kept_float, skip_adds = _plan(fp32, list(reasons))
@@ -357,15 +264,61 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     if not any(n for n in to_quantize if n not in skip_adds):
         raise ExportError("every Conv/Gemm was excluded: nothing left to quantize",
                           hint="an FP16 build keeps every layer in floating point")
-    extra = {
-        "ActivationSymmetric": True,           # zero point 0, INT8 activations
-        "WeightSymmetric": True,
-        "AddQDQPairToWeight": True,            # FP32 weights behind Q->DQ (TensorRT 8.x folds them)
-        "DedicatedQDQPair": True,              # one Q/DQ pair per consumer: no shared DQ outputs
-        "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "Add"],  # Q/DQ on inputs of weighted ops only
-        "QuantizeBias": False,                 # TensorRT wants FP32 bias (no INT32 DQ)
-        "QDQKeepRemovableActivations": True,   # keep Relu/Clip: TensorRT fuses them itself
+    model = _ort_qdq(fp32_onnx_path, ranges, to_quantize)
+    fixes = {"residual_add_conv_branch_unquantized": _fix_residual_adds(model),
+             "float_layer_inputs_unquantized": _fix_float_layers(model, kept_float),
+             "shared_dq_outputs_split": _dedicate_dq(model),
+             "stray_opset_imports_removed": _strip_opset_imports(model)}
+    _remove_unused(model)
+    report = _finish(model, opset_in, out_path, max_opset, metadata)
+    return {
+        "recipe": RECIPE,
+        "tool": f"onnxruntime.quantization.quantize_static {ort_version} (QDQ) + edgecnn TensorRT fixes",
+        "format": "QDQ (QuantizeLinear/DequantizeLinear), explicit quantization",
+        "activations": "INT8 symmetric (zero point 0), per-tensor, on Conv/Gemm inputs and residual skip branches",
+        "weights": "INT8 symmetric, per-channel on axis 0, FP32 initializers behind Q->DQ",
+        "bias": "FP32",
+        "opset": opset_in,
+        "quantize_seconds": round(time.perf_counter() - t1, 2),
+        "quantized_layers": report.stats["quantized_layers"],
+        "float_layers": {name: reasons[name] for name in kept_float},
+        "residual_adds_skip_quantized": len(skip_adds),
+        "qdq_pairs": report.stats["qdq_pairs"],
+        "fixes": fixes,
+        "checker": {"passed": report.ok, "rules": sorted(qdq_check.RULES), "violations": 0},
     }
+
+
+def _check_input(fp32: onnx.ModelProto, path: str, nodes_to_exclude: Sequence[str], max_opset: int) -> int:
+    """The input's opset (TensorRT 8.5/8.6 parse <= 17); refuse exclusions that name no node."""
+    opset_in = qdq_check.default_opset(fp32)
+    if not (qdq_check.MIN_OPSET <= opset_in <= max_opset):
+        raise ExportError(f"{path} has opset {opset_in}; the trt recipe needs {qdq_check.MIN_OPSET}..{max_opset}",
+                          hint=f"re-export with --opset {max_opset}")
+    unknown = sorted(set(nodes_to_exclude) - {n.name for n in fp32.graph.node})
+    if unknown:
+        raise ExportError(f"layers to keep float name nodes not in the model: {', '.join(unknown[:5])}",
+                          hint="use the ONNX node names of model.onnx (e.g. from Netron)")
+    return opset_in
+
+
+# What TensorRT wants from onnxruntime's quantizer
+_TRT_EXTRA_OPTIONS = {
+    "ActivationSymmetric": True,           # zero point 0, INT8 activations
+    "WeightSymmetric": True,
+    "AddQDQPairToWeight": True,            # FP32 weights behind Q->DQ (TensorRT 8.x folds them)
+    "DedicatedQDQPair": True,              # one Q/DQ pair per consumer: no shared DQ outputs
+    "OpTypesToExcludeOutputQuantization": ["Conv", "Gemm", "Add"],  # Q/DQ on inputs of weighted ops only
+    "QuantizeBias": False,                 # TensorRT wants FP32 bias (no INT32 DQ)
+    "QDQKeepRemovableActivations": True,   # keep Relu/Clip: TensorRT fuses them itself
+}
+
+
+def _ort_qdq(fp32_path: str, ranges: Dict[str, Tuple[float, float]], to_quantize: List[str]) -> onnx.ModelProto:
+    """onnxruntime's ``quantize_static`` with TensorRT's options and the given ranges; the raw Q/DQ model."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
     with tempfile.TemporaryDirectory(prefix="edgecnn-trtq-") as tmp:
         cache = os.path.join(tmp, "ranges.json")
         data = {k: (np.float32(lo), np.float32(hi)) for k, (lo, hi) in ranges.items()}
@@ -374,22 +327,21 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         nag = _DropPreprocessNag()
         logging.getLogger().addFilter(nag)   # onnxruntime nags about its optional shape pre-processing
         try:
-            quantize_static(fp32_onnx_path, raw, None, quant_format=QuantFormat.QDQ,
+            quantize_static(fp32_path, raw, None, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS) + ["Add"], per_channel=True, reduce_range=False,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=to_quantize, calibrate_method=CalibrationMethod.MinMax,
-                            extra_options=extra, calibration_cache_path=cache)
+                            extra_options=dict(_TRT_EXTRA_OPTIONS), calibration_cache_path=cache)
         except Exception as exc:
             raise ExportError(f"onnxruntime quantize_static failed: {str(exc).splitlines()[0][:300]}") from exc
         finally:
             logging.getLogger().removeFilter(nag)
-        model = onnx.load(raw)
+        return onnx.load(raw)
 
-    fixes = {"residual_add_conv_branch_unquantized": _fix_residual_adds(model),
-             "float_layer_inputs_unquantized": _fix_float_layers(model, kept_float),
-             "shared_dq_outputs_split": _dedicate_dq(model),
-             "stray_opset_imports_removed": _strip_opset_imports(model)}
-    _remove_unused(model)
+
+def _finish(model: onnx.ModelProto, opset_in: int, out_path: str, max_opset: int,
+            metadata: Optional[Dict[str, str]]) -> "qdq_check.QdqReport":
+    """Metadata, onnx.checker, the Q/DQ rule checker, then save; a rule the checker refuses is a bug here."""
     opset_out = qdq_check.default_opset(model)
     if opset_out != opset_in:
         raise ExportError(f"onnxruntime changed the opset from {opset_in} to {opset_out}; TensorRT 8.5/8.6 parse <= 17")
@@ -410,23 +362,37 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
                           hint="this is a bug in edgecnn's trt recipe; please report it with the architecture name")
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out_path)
-    return {
-        "recipe": RECIPE,
-        "tool": f"onnxruntime.quantization.quantize_static {ort_version} (QDQ) + edgecnn TensorRT fixes",
-        "format": "QDQ (QuantizeLinear/DequantizeLinear), explicit quantization",
-        "activations": "INT8 symmetric (zero point 0), per-tensor, on Conv/Gemm inputs and residual skip branches",
-        "weights": "INT8 symmetric, per-channel on axis 0, FP32 initializers behind Q->DQ",
-        "bias": "FP32",
-        "opset": opset_out,
-        "range_method": "precomputed" if images is None else method,
-        "calibration_images": images,
-        "calibration_seconds": round(calib_seconds, 2),
-        "quantize_seconds": round(time.perf_counter() - t1, 2),
-        "quantized_layers": report.stats["quantized_layers"],
-        "float_layers": {name: reasons[name] for name in kept_float},
-        "residual_adds_skip_quantized": len(skip_adds),
-        "qdq_pairs": report.stats["qdq_pairs"],
-        "fixes": fixes,
-        "checker": {"passed": report.ok, "rules": sorted(qdq_check.RULES), "violations": 0},
-        "ranges": ranges,
-    }
+    return report
+
+
+class TrtQuantizer:
+    """The ``trt`` recipe as the INT8 engine's Q/DQ quantizer (``exporters.int8.qdq.QdqQuantizer``): no graph
+    preparation (TensorRT builds from model.onnx's own graph), no bias correction, not timed here (the
+    engine runs on the device's GPU, not on this CPU)."""
+
+    name = RECIPE
+    timed_here = False
+    bias_correction = False
+
+    def __init__(self, *, max_opset: int = OPSET, metadata: Optional[Dict[str, str]] = None):
+        self.max_opset, self.metadata = max_opset, metadata
+
+    def prepare(self, src: str, dst: str) -> dict:
+        import shutil
+
+        shutil.copyfile(src, dst)
+        return {}
+
+    def default_float(self, prepared: str) -> Dict[str, str]:
+        return default_float_layers(onnx.load(prepared, load_external_data=False))
+
+    def candidates(self, prepared: str) -> List[str]:
+        return [n.name for n in onnx.load(prepared, load_external_data=False).graph.node if n.op_type in QUANTIZED_OPS]
+
+    def quantize(self, src: str, dst: str, ranges, exclude: Sequence[str]) -> dict:
+        return quantize_trt(src, dst, ranges, list(exclude), max_opset=self.max_opset, metadata=self.metadata)
+
+    def report(self, path: str) -> dict:
+        report = qdq_check.check_file(path, max_opset=self.max_opset)
+        return {"quantized_layers": report.stats["quantized_layers"], "float_layers": len(report.stats["float_layers"]),
+                "residual_adds": report.stats["residual_adds"], "checker_passed": report.ok}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import GateFailed, InputError, IntegrityError, ToolchainError, UsageError
+from ..errors import GateFailed, InputError, IntegrityError, ToolchainError, UsageError
 
 
 def register(sub) -> dict:
@@ -34,7 +34,7 @@ def register(sub) -> dict:
 def _cmd_check_qdq(args) -> int:
     from pathlib import Path
 
-    from exporters import qdq_check
+    from exporters.tensorrt import qdq_check
 
     if args.rules:
         print(qdq_check.rules_text())
@@ -56,7 +56,7 @@ def _cmd_check_qdq(args) -> int:
 
 
 def _cmd_trt(args) -> int:
-    from exporters import trt_device
+    from exporters.tensorrt import device as trt_device
 
     argv = []
     if args.bundle:
@@ -91,14 +91,14 @@ def _cmd_trt(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .device_results import merge_results
+    from ..device_results import merge_results
 
     manifest = merge_results(args.bundle, args.results, min_agreement=args.int8_min_agreement)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         p = manifest.get("parity") or {}
-        print(f"{args.bundle}: {manifest['status'].upper()} — engine {manifest['engine']}")
+        print(f"{args.bundle}: {manifest['status'].upper()} — engine {manifest['tensorrt']['engine_status']}")
         if p:
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | {p.get('runtime', '')}")
         lat = manifest.get("latency") or {}

@@ -1,6 +1,6 @@
 """PyTorch module -> ONNX file (FP32 or FP16), checked, simplified, with metadata in ``metadata_props``.
 
-Facts that shape this (measured here, see DESIGN §3): the TorchScript exporter (``dynamo=False``)
+Facts that shape this (measured here; docs/onnx.md): the TorchScript exporter (``dynamo=False``)
 honours opset 17 in one file and is 4-40x faster, so it is the default; the dynamo exporter is the
 fallback (it gives opset 18 when 17 is asked for and writes external data unless told not to) and
 also the only one that handles adaptive pooling at non-native sizes (AlexNet at 64 px, VGG at 32 px).
@@ -22,7 +22,7 @@ import onnx
 
 from calibration.spec import InputSpec
 
-from .common import ExportError
+from ..errors import ExportError
 
 log = logging.getLogger(__name__)
 

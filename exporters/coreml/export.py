@@ -9,7 +9,7 @@ Two variants of one network are written, because app code feeds a model in one o
   the program, ``ClassifierConfig`` adds none) and the raw ``logits``.
 * ``tensor``: a float32 ``MultiArray`` named like ``spec.name`` (already normalised, NCHW) -> ``logits``.
 
-Facts that shape this (coremltools 9.0, measured here; DESIGN §3): conversion from ``torch.jit.trace``
+Facts that shape this (coremltools 9.0, measured here; docs/coreml.md): conversion from ``torch.jit.trace``
 works on Linux; FP16 programs default to FP16 inputs/outputs on iOS16+, so FP32 I/O is set explicitly;
 a classifier with a second output trips an index bug in coremltools' backend when output types are
 set, so the program is converted to MIL first (output types fixed there) and then to an ML Program
@@ -38,7 +38,7 @@ import numpy as np
 
 from calibration.spec import InputSpec
 
-from .common import ExportError, ToolchainMissing
+from ..errors import ExportError, ToolchainMissing
 
 log = logging.getLogger(__name__)
 
@@ -149,105 +149,6 @@ def strip_for_quantization(module):
                 setattr(parent, name, nn.Identity())
                 stripped += 1
     return model, stripped
-
-
-W8A8_SCHEMES = ("symmetric", "affine")
-
-
-W8A8_ROUNDING = ("gptq", "nearest")
-
-
-def prepare_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *, keep_float: Sequence[str] = (),
-                 max_images: int = 512, scheme: str = "affine", rounding: str = "gptq"):
-    """The calibration half of :func:`quantize_w8a8`: (quantizer, prepared model with calibrated observers,
-    images seen, StochasticDepth modules stripped, (rounding info, {module: original weight})).
-    ``quantizer.finalize`` turns it into the W8A8 model; the sensitivity fallback
-    (``exporters.coreml_fallback``) simulates on the prepared model instead.
-
-    ``rounding="gptq"``: BatchNorm is folded into the convolutions first, then their weights are rounded
-    with error compensation (``exporters.weight_rounding``) on the very grid the quantizer's per-channel
-    min/max observer will derive, so it reproduces the chosen steps; modules in ``keep_float`` keep theirs."""
-    if scheme not in W8A8_SCHEMES:
-        raise ExportError(f"unknown W8A8 scheme {scheme!r}", hint=f"use one of {', '.join(W8A8_SCHEMES)}")
-    if rounding not in W8A8_ROUNDING:
-        raise ExportError(f"unknown weight rounding {rounding!r}", hint=f"use one of {', '.join(W8A8_ROUNDING)}")
-    import torch
-
-    import_coremltools()
-    from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
-                                                         ModuleLinearQuantizerConfig)
-
-    from .weight_rounding import fold_batchnorm, round_module_weights
-
-    model, stripped = strip_for_quantization(module)
-    rounded = ({"method": "nearest"}, {})
-    if rounding == "gptq":
-        calib_batches = list(calib_batches)   # read twice: layer statistics, then the observers
-        try:
-            model = fold_batchnorm(model)
-        except Exception as exc:  # torch.fx tracing raises many types
-            raise ExportError(f"BatchNorm folding (torch.fx) failed before W8A8: {_first_line(exc)}",
-                              hint="use --target-option weight_rounding=nearest") from exc
-        report, originals = round_module_weights(model, calib_batches, skip=keep_float,
-                                                 grid="torch_affine" if scheme == "affine" else "torch_symmetric")
-        rounded = ({**report.to_dict(), "batchnorm_folded": True}, originals)
-    # milestones: observers on at step 0, fake-quant never during calibration, BatchNorm frozen at step 0
-    global_cfg = ModuleLinearQuantizerConfig(quantization_scheme=scheme, weight_dtype=torch.qint8,
-                                             weight_per_channel=True, activation_dtype=torch.quint8,
-                                             activation_observer="min_max", weight_observer="min_max",
-                                             milestones=[0, 10**9, 10**9, 0])
-    config = LinearQuantizerConfig(global_config=global_cfg,
-                                   module_name_configs={name: None for name in keep_float})
-    quantizer = LinearQuantizer(model, config)
-    example = torch.zeros(spec.batch_shape(1), dtype=torch.float32)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            prepared = quantizer.prepare(example_inputs=(example,), inplace=False)
-        except Exception as exc:  # torch.fx tracing raises many types
-            raise ExportError(f"coremltools LinearQuantizer could not prepare the model: {_first_line(exc)}",
-                              hint="use --precision int8-weights (weight-only INT8) for this architecture") from exc
-        quantizer.step()
-        prepared.eval()
-        seen = 0
-        with torch.no_grad(), one_thread():   # the observed min/max must not depend on the thread count
-            for batch in calib_batches:
-                if seen >= max_images:
-                    break
-                batch = batch[: max_images - seen]
-                prepared(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
-                seen += len(batch)
-        if seen == 0:
-            raise ExportError("W8A8 calibration got no images", hint="pass CALIB=<folder of images>")
-    return quantizer, prepared, seen, stripped, rounded
-
-
-def quantize_w8a8(module, spec: InputSpec, calib_batches: Iterable[np.ndarray], *,
-                  keep_float: Sequence[str] = (), max_images: int = 512, scheme: str = "affine",
-                  rounding: str = "gptq"):
-    """W8A8 with ``coremltools.optimize.torch``'s LinearQuantizer, calibration only (no training).
-
-    Weights: INT8 per-channel; activations: 8-bit per-tensor, ranges by a min/max observer over the
-    whole calibration set (not the default moving average, whose first batch would dominate a short
-    calibration; a histogram observer measured no better here). ``scheme``: "affine" (default) or
-    "symmetric" (coremltools' own default, zero points 0/128). Measured here in PyTorch simulation on
-    held-out sample photos: pretrained EfficientNet-Lite0 top-1 agreement 81% affine vs 67% symmetric;
-    random-init MobileNetV3-Large SQNR 12.0 vs 9.0 dB. Most of Lite0's loss is its per-channel INT8
-    *weights* (weight-only: 69%), not activation ranges. ``keep_float`` names modules (``named_modules``
-    paths) left in float (``exporters.coreml_fallback`` chooses them). Returns (finalized module, info dict).
-    """
-    quantizer, prepared, seen, stripped, rounded = prepare_w8a8(module, spec, calib_batches, keep_float=keep_float,
-                                                                max_images=max_images, scheme=scheme, rounding=rounding)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        final = quantizer.finalize(inplace=False).eval()
-    info = {"method": "coremltools.optimize.torch LinearQuantizer, calibration only (no training)",
-            "scheme": scheme, "weights": f"int8 {scheme}, per output channel (min/max)",
-            "activations": f"8-bit {scheme} per tensor (quint8 in PyTorch, int8/uint8 quantize ops in the "
-                           "program), ranges: min/max over the calibration images",
-            "calibration_images": seen, "stochastic_depth_stripped": stripped, "weight_rounding": rounded[0],
-            "kept_float": list(keep_float)}
-    return final, info
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -458,14 +359,12 @@ def op_counts(ml) -> Dict[str, int]:
 
 def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precision: str = "fp16",
                   ios: Optional[int] = None, labels: Sequence[str], metadata: Optional[Dict[str, str]] = None,
-                  calib_batches: Optional[Iterable[np.ndarray]] = None, variants: Sequence[str] = VARIANTS,
-                  keep_float: Sequence[str] = (), w8a8_scheme: str = "affine", w8a8_rounding: str = "gptq",
-                  description: str = "",
-                  file_names: Optional[Dict[str, str]] = None) -> tuple:
+                  quantized=None, quantized_info: Optional[dict] = None, variants: Sequence[str] = VARIANTS,
+                  description: str = "", file_names: Optional[Dict[str, str]] = None) -> tuple:
     """Write one ``.mlpackage`` per variant into ``out_dir``.
 
-    Returns ({variant: CoreMLExportInfo}, recipe dict). ``calib_batches`` (normalised NCHW float32
-    batches) is required for ``int8`` (W8A8).
+    Returns ({variant: CoreMLExportInfo}, recipe dict). ``int8`` (W8A8) converts ``quantized``, the module
+    the INT8 engine finalized (``exporters.coreml.w8a8.W8A8Recipe.finalize``), described by ``quantized_info``.
     """
     ios = resolve_ios(precision, ios)
     metadata = dict(metadata or {})
@@ -474,11 +373,10 @@ def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precis
     recipe: dict = {"precision": precision, "ios": ios}
     net = module.eval()
     if precision == "int8":
-        if calib_batches is None:
-            raise ExportError("Core ML int8 (W8A8) needs calibration images", hint="pass CALIB=<folder of images>")
-        net, qinfo = quantize_w8a8(module, spec, calib_batches, keep_float=keep_float, scheme=w8a8_scheme,
-                                   rounding=w8a8_rounding)
-        recipe.update(qinfo, compute="float16 between quantize/dequantize pairs",
+        if quantized is None:
+            raise ExportError("Core ML int8 (W8A8) converts a module the INT8 engine quantized; none was given")
+        net = quantized
+        recipe.update(quantized_info or {}, compute="float16 between quantize/dequantize pairs",
                       note="W8A8: weights and activations 8-bit (Core ML quantize/dequantize, iOS17+)")
     elif precision == "int8-weights":
         recipe.update(method="coremltools.optimize.coreml linear_quantize_weights pass", weights="int8 symmetric, "

@@ -29,7 +29,6 @@ import ctypes.util
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import re
@@ -42,11 +41,7 @@ TOOL_NAME = "edgecnn_trt.py"
 TOOL_VERSION = "1"
 RESULTS_SCHEMA = "edgecnn-trt-results/1"
 
-# Parity gates: the same numbers as edgecnn/validate/metrics.py (a test keeps them equal).
-FP32_MAX_REL_ERROR = 1e-4
-FP16_MIN_COSINE = 0.999
-INT8_MIN_AGREEMENT = 0.99
-INT8_RANDOM_MIN_SQNR_DB = 10.0
+PARITY_MODULE = "edgecnn_parity.py"   # exporters/parity.py, shipped beside this tool in every bundle
 
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_ENV, EXIT_ENGINE = 0, 1, 2, 3, 4
 
@@ -55,7 +50,7 @@ L4T_TO_JETPACK = [
     ((35, 1), "5.0.2"), ((35, 2), "5.1"), ((35, 3), "5.1.1"), ((35, 4), "5.1.2"), ((35, 5), "5.1.3"),
     ((35, 6), "5.1.4"), ((36, 2), "6.0 DP"), ((36, 3), "6.0"), ((36, 4), "6.1/6.2"), ((38, 0), "7.0"),
 ]
-# JetPack -> the TensorRT and Python it ships (DESIGN §3); printed by `check` as guidance.
+# JetPack -> the TensorRT and Python it ships; printed by `check` as guidance.
 JETPACK_MATRIX = {"5.1": ("8.5.2", "3.8"), "6.0": ("8.6.2", "3.10"), "6.1": ("10.3", "3.10"),
                   "6.2": ("10.3", "3.10"), "7.0": ("10.13+ / 11", "3.12")}
 
@@ -65,6 +60,17 @@ class ToolError(Exception):
         Exception.__init__(self, message)
         self.code = code
         self.hint = hint
+
+
+def _parity():
+    """The parity module: ``exporters.parity`` inside the edgecnn package, else the copy shipped beside this
+    file (``edgecnn_parity.py``). Imported on first use, so ``check`` works without NumPy."""
+    try:
+        from .. import parity  # exporters.tensorrt.device, inside the edgecnn package
+    except ImportError:        # edgecnn_trt.py, standalone in a bundle
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import edgecnn_parity as parity
+    return parity
 
 
 # ------------------------------------------------------------------------------------------ versions
@@ -462,19 +468,27 @@ class Cuda(object):
 
 # ------------------------------------------------------------------------------------------ bundle
 class Bundle(object):
-    def __init__(self, root):
+    """The files of a TensorRT bundle: its folder, precision and input spec, and the sha256 the manifest
+    recorded for each file (``Bundle.open`` reads them from manifest.json; the host passes them in)."""
+
+    def __init__(self, root, precision, spec, hashes=None, manifest=None):
         self.root = os.path.abspath(root)
-        path = os.path.join(self.root, "manifest.json")
+        self.precision = str(precision)
+        self.spec = spec
+        self.hashes = dict(hashes or {})          # {file: {"sha256": ...}}
+        self.manifest = manifest or {}
+
+    @classmethod
+    def open(cls, root):
+        path = os.path.join(os.path.abspath(root), "manifest.json")
         if not os.path.isfile(path):
-            raise ToolError("%s has no manifest.json: not an edgecnn bundle" % self.root, EXIT_USAGE,
+            raise ToolError("%s has no manifest.json: not an edgecnn bundle" % root, EXIT_USAGE,
                             "run from inside the bundle folder or pass --bundle DIR")
         with open(path, "r") as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("target") != "trt":
-            raise ToolError("%s is a %r bundle, not a TensorRT one" % (self.root, self.manifest.get("target")), EXIT_USAGE)
-        self.precision = self.manifest["precision"]
-        self.spec = self.manifest["input"]
-        self.trt_info = self.manifest.get("tensorrt", {})
+            manifest = json.load(f)
+        if manifest.get("target") != "trt":
+            raise ToolError("%s is a %r bundle, not a TensorRT one" % (root, manifest.get("target")), EXIT_USAGE)
+        return cls(root, manifest["precision"], manifest["input"], manifest.get("files", {}), manifest)
 
     def path(self, name):
         return os.path.join(self.root, name)
@@ -483,17 +497,12 @@ class Bundle(object):
         return sorted(os.listdir(self.root))
 
     def sha256(self, name):
-        h = hashlib.sha256()
-        with open(self.path(name), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+        return _sha256(self.path(name))
 
     def check_hashes(self, names):
         """Refuse to build from a file that differs from what the manifest recorded at export."""
-        files = self.manifest.get("files", {})
         for n in names:
-            meta = files.get(n)
+            meta = self.hashes.get(n)
             if meta and meta.get("sha256") != self.sha256(n):
                 raise ToolError("%s differs from the manifest's sha256: the bundle was modified after export" % n,
                                 EXIT_USAGE, "copy the bundle again")
@@ -510,6 +519,24 @@ class Bundle(object):
         return normalize(pixels, spec), reference.astype(np.float32)
 
 
+class BuildSettings(object):
+    """How ``build_engine`` builds: the ``build`` command's options, with the same defaults."""
+
+    def __init__(self, dla=None, int8_mode="auto", fp16_fallback=True, engine=None, timing_cache=None,
+                 min_batch=1, opt_batch=1, max_batch=8, workspace_mb=1024, verbose=False):
+        self.dla, self.int8_mode, self.fp16_fallback = dla, int8_mode, fp16_fallback
+        self.engine, self.timing_cache = engine, timing_cache
+        self.min_batch, self.opt_batch, self.max_batch = min_batch, opt_batch, max_batch
+        self.workspace_mb, self.verbose = workspace_mb, verbose
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(dla=args.dla, int8_mode=args.int8_mode, fp16_fallback=not args.no_fp16_fallback,
+                   engine=args.engine, timing_cache=args.timing_cache, min_batch=args.min_batch,
+                   opt_batch=args.opt_batch, max_batch=args.max_batch, workspace_mb=args.workspace_mb,
+                   verbose=args.verbose)
+
+
 def normalize(pixels, spec):
     """8-bit N x H x W x C pixels -> float32 N x C x H x W, exactly as calibration.normalize does."""
     import numpy as np
@@ -521,90 +548,6 @@ def normalize(pixels, spec):
     mean = np.asarray(spec["mean"], dtype=np.float32)[None, :, None, None]
     std = np.asarray(spec["std"], dtype=np.float32)[None, :, None, None]
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------ parity
-def compare(ref, out):
-    """Parity metrics, computed as edgecnn/validate/metrics.py does."""
-    import numpy as np
-
-    ref = np.asarray(ref, dtype=np.float64).reshape(len(ref), -1)
-    out = np.asarray(out, dtype=np.float64).reshape(len(out), -1)
-    nonfinite = int((~np.isfinite(out)).sum())
-    safe = np.where(np.isfinite(out), out, 0.0)
-    err = np.abs(safe - ref)
-    scale = float(np.abs(ref).max()) or 1.0
-    dot = (safe * ref).sum(1)
-    norms = np.linalg.norm(safe, axis=1) * np.linalg.norm(ref, axis=1)
-    cos = np.where(norms > 0, dot / np.maximum(norms, 1e-30), 1.0)
-    noise = float(((safe - ref) ** 2).sum())
-    sqnr = float("inf") if noise == 0 else 10.0 * np.log10(float((ref ** 2).sum()) / noise)
-    noise_i, signal_i = ((safe - ref) ** 2).sum(1), (ref ** 2).sum(1)
-    with np.errstate(divide="ignore"):
-        per_image = np.where(noise_i > 0, 10.0 * np.log10(np.maximum(signal_i, 1e-300) / np.maximum(noise_i, 1e-300)),
-                             999.0)
-    k = min(5, ref.shape[1])
-    top_ref = np.argsort(-ref, axis=1)[:, :k]
-    top_out = np.argsort(-safe, axis=1)[:, :k]
-    flipped = top_ref[:, 0] != top_out[:, 0]
-    near_tie = 0
-    if ref.shape[1] > 1:  # as exporters/quant_fallback.py near_tie_flips: gap under twice the image's RMS error
-        top2 = np.sort(ref, axis=1)[:, -2:]
-        near_tie = int((flipped & (top2[:, 1] - top2[:, 0] < 2 * np.sqrt(((safe - ref) ** 2).mean(1)))).sum())
-    hits = int((~flipped).sum())   # Wilson 95% interval, as edgecnn/validate/metrics.py wilson_interval
-    z, n = 1.96, len(ref)
-    p1 = hits / float(n)
-    denom = 1.0 + z * z / n
-    centre = (p1 + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p1 * (1 - p1) / n + z * z / (4.0 * n * n)) / denom
-    return {"median_image_sqnr_db": float(np.clip(np.median(per_image), -999.0, 999.0)),
-            "top1_agreement_ci95": [max(0.0, centre - half), min(1.0, centre + half)],
-            "samples": len(ref), "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
-            "max_rel_error": float(err.max()) / scale, "cosine": float(cos.mean()), "min_cosine": float(cos.min()),
-            "sqnr_db": sqnr, "top1_agreement": float((top_ref[:, 0] == top_out[:, 0]).mean()),
-            "top5_overlap": float(np.mean([len(set(a) & set(b)) / float(k) for a, b in zip(top_ref, top_out)])),
-            "ref_top1_in_top5": float(np.mean([a[0] in b for a, b in zip(top_ref, top_out)])),
-            "nonfinite": nonfinite, "flips": int(flipped.sum()), "flips_near_tie": near_tie}
-
-
-def gate(p, precision, trained, min_agreement=INT8_MIN_AGREEMENT):
-    p = dict(p)
-    p["judged_on"] = "trained weights" if trained else "random-init weights: structure and SQNR only"
-    p["reason"] = ""
-    if p["nonfinite"]:
-        p.update(gate="outputs finite", passed=False, reason="%d NaN/Inf values in the output" % p["nonfinite"])
-        return p
-    if precision == "fp32":
-        p["gate"] = "max relative error <= %g" % FP32_MAX_REL_ERROR
-        p["passed"] = p["max_rel_error"] <= FP32_MAX_REL_ERROR
-        measured = "max relative error %.3g" % p["max_rel_error"]
-    elif precision == "fp16":
-        p["gate"] = "cosine >= %s" % FP16_MIN_COSINE
-        p["passed"] = p["min_cosine"] >= FP16_MIN_COSINE
-        measured = "min cosine %.5f" % p["min_cosine"]
-    else:
-        if trained:
-            p["gate"] = "top-1 agreement >= %.0f%%" % (min_agreement * 100)
-            p["passed"] = p["top1_agreement"] >= min_agreement
-        else:
-            p["gate"] = "SQNR >= %g dB (random-init weights: agreement not judged)" % INT8_RANDOM_MIN_SQNR_DB
-            p["passed"] = p["sqnr_db"] >= INT8_RANDOM_MIN_SQNR_DB
-        measured = "top-1 agreement %.1f%% of %d images" % (p["top1_agreement"] * 100, p["samples"])
-        notes = []
-        if p.get("top1_agreement_ci95"):
-            notes.append("95%% interval %.1f%%–%.1f%%" % (p["top1_agreement_ci95"][0] * 100,
-                                                          p["top1_agreement_ci95"][1] * 100))
-        if p.get("flips") and p.get("flips_near_tie"):
-            notes.append("%d flips, %d of them near-ties: FP32 top-1/top-2 gap under twice the image's logit error"
-                         % (p["flips"], p["flips_near_tie"]))
-        if notes:
-            measured += " (%s)" % "; ".join(notes)
-        measured += ", SQNR %.1f dB" % p["sqnr_db"]
-        if p.get("median_image_sqnr_db") is not None and p["median_image_sqnr_db"] - p["sqnr_db"] >= 3.0:
-            measured += " (median per image %.1f dB: a few images hold most of the error)" % p["median_image_sqnr_db"]
-    if not p["passed"]:
-        p["reason"] = "gate %s not met: %s" % (p["gate"], measured)
-    return p
 
 
 def percentiles(times_ms):
@@ -673,10 +616,12 @@ def reheader_cache(data, trt_version):
 
 
 def build_engine(bundle, trt, info, args, log):
+    """Build the engine for this device from ``bundle``'s files with ``args`` (``BuildSettings``); returns a
+    dict describing the build (also written as a sidecar)."""
     """Build the engine for this device; returns a dict describing the build (also written as a sidecar)."""
     trt_version = parse_version(trt.__version__)
     plan = build_plan(trt_version, bundle.precision, bundle.files(), dla_core=args.dla, int8_mode=args.int8_mode,
-                      fp16_fallback=not args.no_fp16_fallback)
+                      fp16_fallback=args.fp16_fallback)
     onnx_path = bundle.path(plan["onnx"])
     bundle.check_hashes([plan["onnx"]] + ([plan["calibration_cache"]] if plan["calibration_cache"] else []))
     tag = gpu_tag(info)
@@ -796,7 +741,10 @@ def check_engine_compatible(engine_path, trt_version, info):
 
 
 class TrtRunner(object):
-    """Runs a serialized engine with the name-based API; ``run(x) -> logits`` like edgecnn's runners."""
+    """Runs a serialized engine with the name-based API; ``run(x) -> logits``, ``describe()``, ``close()``:
+    the call shape of edgecnn's runners (``exporters.runner``), written for Python 3.8 without edgecnn."""
+
+    latency_reason = None   # timed where it runs: this is the device
 
     def __init__(self, engine_path, trt, cuda, max_batch=None):
         import numpy as np
@@ -932,8 +880,9 @@ def validate_engine(bundle, trt, cuda, info, engine_path, args, log):
         inputs, reference = bundle.reference()
         out = runner.run(inputs)
         trained = bool(bundle.manifest.get("weights", {}).get("pretrained"))
-        parity = gate(compare(reference, out), bundle.precision, trained, args.min_agreement)
-        parity = dict((k, (float("%.6g" % v) if isinstance(v, float) else v)) for k, v in parity.items())
+        floor = (bundle.manifest.get("parity") or {}).get("fp32_noise_floor")
+        parity = _parity().judge(reference, out, bundle.precision, trained, min_agreement=args.min_agreement,
+                                 noise_floor=floor).to_dict()
         log("parity %s: %s | max rel err %.2e, cosine %.6f, SQNR %.1f dB, top-1 agree %.1f%% on %d reference images"
             % (parity["gate"], "PASS" if parity["passed"] else "FAIL", parity["max_rel_error"], parity["cosine"],
                parity["sqnr_db"], parity["top1_agreement"] * 100, parity["samples"]))
@@ -992,7 +941,7 @@ def build_parser():
     v.add_argument("--runs", type=int, default=200, help="timed batch-1 runs (default 200)")
     v.add_argument("--throughput-batch", type=int, default=8)
     v.add_argument("--no-latency", action="store_true")
-    v.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT)
+    v.add_argument("--min-agreement", type=float, default=0.99)
     v.add_argument("--results", default=None, help="results JSON path (default results.<gpu>-trt<ver>.json)")
     sub.add_parser("build", parents=[common, b], help="build the engine for this GPU and TensorRT")
     sub.add_parser("validate", parents=[common, v], help="parity vs reference.npz, latency, GPU memory")
@@ -1035,11 +984,11 @@ def cmd_check(args):
 
 def cmd_build(args, bundle=None, info=None, trt=None):
     trt = trt or _require_trt()
-    bundle = bundle or Bundle(args.bundle)
+    bundle = bundle or Bundle.open(args.bundle)
     info = info or detect(trt)
     if not info.get("gpu"):
         raise ToolError("no CUDA GPU usable (%s)" % info.get("cuda_error", "?"), EXIT_ENV)
-    return build_engine(bundle, trt, info, args, _log)
+    return build_engine(bundle, trt, info, BuildSettings.from_args(args), _log)
 
 
 def _results_path(bundle, args, info, trt):
@@ -1060,7 +1009,7 @@ def _results(bundle, info, build, validation):
 
 def cmd_validate(args, bundle=None, info=None, trt=None, build=None):
     trt = trt or _require_trt()
-    bundle = bundle or Bundle(args.bundle)
+    bundle = bundle or Bundle.open(args.bundle)
     info = info or detect(trt)
     cuda = Cuda()
     engine = args.engine or engine_name(gpu_tag(info), parse_version(trt.__version__))
@@ -1077,7 +1026,7 @@ def cmd_validate(args, bundle=None, info=None, trt=None, build=None):
 
 def cmd_all(args):
     trt = _require_trt()
-    bundle = Bundle(args.bundle)
+    bundle = Bundle.open(args.bundle)
     info = detect(trt)
     _log("device: %s | TensorRT %s | Python %s | JetPack %s" % (
         (info.get("gpu") or {}).get("name"), info.get("tensorrt"), info.get("python"),

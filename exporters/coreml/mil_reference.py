@@ -16,8 +16,9 @@ loaded, so a run passes torch tensors from op to op. Ops whose inputs are all co
 once at load. Outputs of ops that only select input values (relu, max_pool, reshape, concat, ...) are
 already representable in their dtype and are not re-rounded.
 
-Not a performance model of Apple hardware: the latency of this executor says nothing about an
-iPhone, so the validator reports Core ML latency on Linux as "not measured (needs Apple hardware)".
+Not a performance model of Apple hardware: the latency of this executor says nothing about an iPhone, so
+its runner (``exporters.coreml.runner``) reports Core ML latency on Linux as "not measured (needs Apple
+hardware)".
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import InputError, ToolchainError
+from ..errors import ExportError, ModelFileError, UnsupportedOp
 
 RUNTIME_NAME = "coreml-reference-executor"
 
 
-class UnsupportedOpError(ToolchainError):
+class UnsupportedOpError(UnsupportedOp):
     """The program uses a MIL op the reference executor does not implement."""
 
 
@@ -717,7 +718,7 @@ class _Imm:
 
 
 def _load_spec(path: Path):
-    from exporters.coreml import import_coremltools
+    from .export import import_coremltools
 
     ct = import_coremltools()
     return ct.utils.load_spec(os.fspath(path))
@@ -761,18 +762,18 @@ class CoreMLProgram:
     """The ``main`` function of an ML Program, loaded and ready to execute."""
 
     def __init__(self, package: str | os.PathLike):
-        from exporters.coreml import import_coremltools
+        from .export import import_coremltools
 
         import_coremltools()
         from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
 
         self.path = Path(package)
         if not (self.path / "Manifest.json").exists():
-            raise InputError(f"{self.path} is not an .mlpackage (no Manifest.json)",
+            raise ModelFileError(f"{self.path} is not an .mlpackage (no Manifest.json)",
                              hint="pass the .mlpackage folder of an ML Program")
         spec = _load_spec(self.path)
         if spec.WhichOneof("Type") != "mlProgram":
-            raise InputError(f"{self.path} is a {spec.WhichOneof('Type')} model, not an ML Program",
+            raise ModelFileError(f"{self.path} is a {spec.WhichOneof('Type')} model, not an ML Program",
                              hint="the reference executor runs ML Programs (convert_to='mlprogram')")
         self.description = spec.description
         self.spec_version = int(spec.specificationVersion)
@@ -813,7 +814,7 @@ class CoreMLProgram:
             raise UnsupportedOpError(
                 f"{self.path.name}: the Core ML reference executor does not implement op "
                 f"{', '.join(repr(u) for u in unknown)} (first: {first.outputs[0].name if first.outputs else '?'})",
-                hint="validate this model on macOS with real Core ML, or add the op to edgecnn/runtimes/coreml_ref.py")
+                hint="validate this model on macOS with real Core ML, or add the op to exporters/coreml/mil_reference.py")
         codes: Dict[str, int] = {n: c for n, (_, c) in self.inputs.items()}   # declared dtype of each variable
         pending = []
         for op in block.operations:
@@ -852,7 +853,7 @@ class CoreMLProgram:
                 except UnsupportedOpError:
                     raise
                 except Exception as exc:
-                    raise ToolchainError(f"{self.path.name}: reference executor failed on {op.type} -> "
+                    raise ExportError(f"{self.path.name}: reference executor failed on {op.type} -> "
                                          f"{outputs[0][0]} (constant inputs): {type(exc).__name__}: {exc}") from exc
                 result = (result,) if len(outputs) == 1 else result
                 for (name, code), value in zip(outputs, result):
@@ -889,17 +890,17 @@ class CoreMLProgram:
         missing = [n for n in self.output_names if n not in {o for s in self.steps for o, _, _ in s.outputs}
                    and n not in self.consts and n not in self.inputs]
         if missing:
-            raise InputError(f"{self.path.name}: program outputs {missing} are not produced by any op")
+            raise ModelFileError(f"{self.path.name}: program outputs {missing} are not produced by any op")
 
     # -- running
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, Any]:
         env: Dict[str, Any] = {}
         for name, (shape, code) in self.inputs.items():
             if name not in feeds:
-                raise InputError(f"{self.path.name}: input {name!r} not given (inputs: {', '.join(self.inputs)})")
+                raise ModelFileError(f"{self.path.name}: input {name!r} not given (inputs: {', '.join(self.inputs)})")
             x = np.asarray(feeds[name])
             if tuple(x.shape) != shape:
-                raise InputError(f"{self.path.name}: input {name!r} has shape {tuple(x.shape)}, the program takes {shape}")
+                raise ModelFileError(f"{self.path.name}: input {name!r} has shape {tuple(x.shape)}, the program takes {shape}")
             env[name] = _from_np(_round_to(x.astype(np.float32) if code in (_FLOAT16, _FLOAT32) else x, code))
         self._execute(env)
         out = {}
@@ -925,7 +926,7 @@ class CoreMLProgram:
                 except UnsupportedOpError:
                     raise
                 except Exception as exc:
-                    raise ToolchainError(f"{self.path.name}: reference executor failed on {step.op_type} -> "
+                    raise ExportError(f"{self.path.name}: reference executor failed on {step.op_type} -> "
                                          f"{step.outputs[0][0]}: {type(exc).__name__}: {exc}") from exc
                 if len(step.outputs) == 1:
                     name, code, mode = step.outputs[0]
@@ -935,63 +936,6 @@ class CoreMLProgram:
                         env[name] = _round_tensor(value, code, mode == 1) if mode else value
                 for n in step.free_after:
                     env.pop(n, None)
-
-
-# ---------------------------------------------------------------------------------------------- runner
-class CoreMLReferenceRunner:
-    """Validator runner (``run(x)`` on normalised float32 NCHW -> logits) over the reference executor.
-
-    For an image-input program the normalised batch is turned back into 8-bit pixels (what a
-    ``CVPixelBuffer`` would hold: exact for inputs that came from 8-bit images) and fed as 0..255 floats.
-    """
-
-    measures_latency = False
-    latency_reason = "not measured (needs Apple hardware): the Core ML runtime exists only on macOS/iOS"
-
-    def __init__(self, package: str | os.PathLike, *, spec=None, image_input: Optional[str] = None,
-                 output: str = "logits", threads: int = 1):
-        t0 = time.perf_counter()
-        self.program = CoreMLProgram(package)
-        self.load_seconds = time.perf_counter() - t0
-        self.spec = spec
-        self.image_input = image_input
-        self.output = output
-        self.threads = threads
-        if len(self.program.inputs) != 1:
-            raise InputError(f"{package}: expected one input, found {list(self.program.inputs)}")
-        self.input_name = next(iter(self.program.inputs))
-        if image_input and spec is None:
-            raise ValueError("an image-input program needs the InputSpec to undo normalisation")
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        if self.image_input:
-            x = to_pixels(x, self.spec)
-        torch = _torch()
-        before = torch.get_num_threads()
-        if before != self.threads:
-            torch.set_num_threads(self.threads)  # like onnxruntime's intra-op threads; restored below
-        try:
-            outs = [np.asarray(self.program.run({self.input_name: x[i:i + 1]})[self.output], np.float32)
-                    for i in range(len(x))]
-        finally:
-            if before != self.threads:
-                torch.set_num_threads(before)
-        return np.concatenate(outs).reshape(len(x), -1)
-
-    def describe(self) -> dict:
-        return {"runtime": RUNTIME_NAME, "version": _ct_version(), "executes": "MIL program interpreted in "
-                "FP32 with each op output rounded to its declared dtype (FP16 storage mimicked)",
-                "model": self.program.path.name, "opset": self.program.opset, "threads": self.threads,
-                "compute_units": "n/a (no Core ML runtime on this OS)", "kernels": "torch (conv, pool, linear, "
-                "elementwise, reductions, quantize/dequantize), NumPy (the rest)", "malloc": MALLOC_SETTING}
-
-
-def to_pixels(x: np.ndarray, spec) -> np.ndarray:
-    """Normalised NCHW -> the 0..255 pixel values (as float32, rounded to integers) an image input sees."""
-    mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
-    return np.clip(np.rint((x * std + mean) / np.float32(spec.scale)), 0, 255).astype(np.float32)
 
 
 def _ct_version() -> str:

@@ -6,9 +6,9 @@ left two thirds of the convolutions in float). Before quantizing, the FP32 graph
 expensive ops really run as fused INT8 kernels (see ``prepare``); after, ``op_report`` counts what
 onnxruntime's optimized graph actually runs in INT8 and what stays float, so the claim is checked.
 
-Recipe contract (shared with ``exporters.quant_trt``): ``quantize(fp32_onnx_path, out_path, ranges,
-nodes_to_exclude) -> info dict``; ``ranges`` is a ``calibration.ranges.Ranges`` computed on the *prepared*
-model (``prepare`` first, then ``calibration.ranges.compute_ranges``, then ``quantize``).
+The INT8 engine runs it through ``OrtQuantizer`` (``exporters.int8.qdq``): ``prepare`` first, then
+``calibration.ranges.compute_ranges`` on the *prepared* model, then ``quantize(prepared, out, ranges,
+nodes_to_exclude)``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .common import ExportError
+from ..errors import ExportError
+from .graph import attr as _attr, consumers as _consumers, drop_unused_initializers
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ NAME = "ort"
 # Ops the ort recipe quantizes. Left out on purpose: Sigmoid/Mul/HardSigmoid/HardSwish (elementwise
 # gates): onnxruntime's QLinearSigmoid/QLinearMul are slower on this CPU than the float ops they replace
 # (measured: EfficientNet-B0 with SiLU quantized spent 60% of its time in them), and float gates keep
-# accuracy where INT8 loses most (SE / SiLU outputs, DESIGN §3).
+# accuracy where INT8 loses most (SE / SiLU outputs).
 OP_TYPES = ("Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool", "AveragePool", "MaxPool", "Concat",
             "Relu", "Clip", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Resize")
 FUSED_INT8_OPS = ("QLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool",
@@ -64,7 +65,7 @@ def prepare(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> dict:
     done = Counter()
     done["reducemean_to_gap"] = _reducemean_to_gap(model)
     done["hardsigmoid_folded_into_conv"] = _fold_hardsigmoid(model)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     onnx.checker.check_model(model)
     with tempfile.TemporaryDirectory(prefix="edgecnn-prep-") as tmp:
         mid = os.path.join(tmp, "rewritten.onnx")
@@ -114,21 +115,6 @@ def _silu_to_quickgelu(model: onnx.ModelProto) -> int:
     if count and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return count
-
-
-def _consumers(model: onnx.ModelProto) -> Dict[str, List[onnx.NodeProto]]:
-    out: Dict[str, List[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _reducemean_to_gap(model: onnx.ModelProto) -> int:
@@ -194,123 +180,6 @@ def _fold_hardsigmoid(model: onnx.ModelProto) -> int:
         model.graph.node.insert(pos, clip)
         count += 1
     return count
-
-
-# ------------------------------------------------------------------------------------------ bias correction
-def quantize_weight_like_ort(w: np.ndarray) -> np.ndarray:
-    """The INT8 weights onnxruntime's QDQ quantizer will produce (symmetric, per output channel, amax/127),
-    dequantized back to float."""
-    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).reshape(-1, *([1] * (w.ndim - 1)))
-    scale = np.maximum(amax, 1e-12) / 127.0
-    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
-
-
-def bias_correction_inputs(path: Union[str, os.PathLike]) -> List[str]:
-    """The activation tensors whose channel means ``bias_correction`` needs (inputs of Convs with constant weights)."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    return sorted({n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits})
-
-
-def bias_correction(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], means: Dict[str, np.ndarray],
-                    skip: Iterable[str] = (), original: Optional[Union[str, os.PathLike]] = None) -> int:
-    """Fold the mean output shift of each Conv's INT8 weights into its float bias (bias correction, Nagel
-    et al. 2019): ``b -= (Wq - W) · E[x]`` per output channel, with ``E[x]`` the calibration mean of the
-    input channels. Weights are unchanged, so the quantizer produces the same INT8 weights; only the
-    systematic part of their error is cancelled. Measured on EfficientNet-Lite0 (weights-only INT8 on
-    held-out photos): logit SQNR 18.2 -> 24.6 dB, top-1 agreement 78% -> 89%. Returns the Convs corrected.
-    ``original``: the model whose weights are the float truth ``W`` when ``src``'s weights were already
-    moved onto the INT8 grid (``weight_rounding``); by default ``src`` itself.
-    """
-    model = onnx.load(os.fspath(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    truth = inits if original is None else {i.name: i for i in onnx.load(os.fspath(original)).graph.initializer}
-    skip = set(skip)
-    count = 0
-    for node in model.graph.node:
-        if node.op_type != "Conv" or node.name in skip or node.input[1] not in inits or node.input[0] not in means:
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        group = int(_attr(node, "group", 1))
-        mu = np.asarray(means[node.input[0]], np.float32)
-        if w.ndim != 4 or mu.shape[0] != w.shape[1] * group:
-            continue
-        w_true = numpy_helper.to_array(truth[node.input[1]]).astype(np.float32) if node.input[1] in truth else w
-        if w_true.shape != w.shape:
-            continue
-        dw = (quantize_weight_like_ort(w) - w_true).sum(axis=(2, 3))     # [out, in/group]
-        per = w.shape[0] // group
-        shift = np.einsum("gok,gk->go", dw.reshape(group, per, w.shape[1]), mu.reshape(group, w.shape[1])).reshape(-1)
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        if has_bias and node.input[2] not in inits:
-            continue
-        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) if has_bias else np.zeros(w.shape[0], np.float32)
-        name = node.output[0] + "_bias_corrected"
-        model.graph.initializer.append(numpy_helper.from_array((b - shift).astype(np.float32), name))
-        del node.input[2:]
-        node.input.append(name)
-        count += 1
-    _drop_unused_initializers(model)
-    onnx.save(model, os.fspath(dst))
-    return count
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [i for i in model.graph.initializer if i.name in used]
-    if len(keep) != len(model.graph.initializer):
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-
-
-def restore_biases(corrected: Union[str, os.PathLike], original: Union[str, os.PathLike], nodes: Iterable[str],
-                   dst: Union[str, os.PathLike]) -> int:
-    """Undo ``bias_correction`` and ``weight_rounding`` for ``nodes`` (layers the fallback keeps float: their
-    weights are not quantized, so the correction and the grid values would become errors of their own):
-    their inputs are taken back from ``original``."""
-    model = onnx.load(os.fspath(corrected))
-    orig = onnx.load(os.fspath(original))
-    orig_nodes = {n.name: n for n in orig.graph.node}
-    orig_inits = {i.name: i for i in orig.graph.initializer}
-    have = {i.name for i in model.graph.initializer}
-    nodes = set(nodes)
-    count = 0
-    for node in model.graph.node:
-        if node.name in nodes and node.name in orig_nodes and node.op_type in ("Conv", "Gemm", "MatMul"):
-            src = orig_nodes[node.name]
-            if list(src.input) != list(node.input):
-                del node.input[:]
-                node.input.extend(src.input)
-                for name in src.input:
-                    if name in orig_inits and name not in have:
-                        model.graph.initializer.append(orig_inits[name])
-                        have.add(name)
-                count += 1
-    _drop_unused_initializers(model)
-    onnx.save(model, os.fspath(dst))
-    return count
-
-
-def quantize_with_biases_restored(uncorrected: Union[str, os.PathLike], base: Iterable[str],
-                                  work: Union[str, os.PathLike], quantize_fn=None):
-    """``quantize`` as the fallback calls it, ``(src, dst, ranges, exclude)``, for a bias-corrected or weight-rounded ``src``:
-    the layers excluded beyond ``base`` get their original weights and biases back from ``uncorrected`` first.
-    ``quantize_fn``: the recipe's quantize (default: this module's; the trt recipe passes its own)."""
-    base = set(base)
-    quantize_fn = quantize_fn or quantize
-
-    def run(src, dst, ranges, exclude):
-        extra = [n for n in exclude if n not in base]
-        if not extra:
-            return quantize_fn(src, dst, ranges, exclude)
-        variant = os.path.join(os.fspath(work), ".prepared-variant.onnx")
-        restore_biases(src, uncorrected, extra, variant)
-        try:
-            return quantize_fn(variant, dst, ranges, exclude)
-        finally:
-            os.remove(variant)
-
-    return run
 
 
 # ------------------------------------------------------------------------------------------ quantization
@@ -508,25 +377,14 @@ def _quiet_root_logger():
 
 
 # ------------------------------------------------------------------------------------------ inspection
-def optimized_graph(path: Union[str, os.PathLike]) -> onnx.ModelProto:
-    """The graph onnxruntime CPU actually runs (all optimisations on), via ``optimized_model_filepath``."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="edgecnn-opt-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-        return onnx.load(opts.optimized_model_filepath)
-
-
 def op_report(path: Union[str, os.PathLike]) -> dict:
     """Count what onnxruntime's optimized graph runs as fused INT8 kernels and what stays float.
 
     ``fused``: QLinear*/QGemm kernels; ``float``: compute ops left in float (each costs its own pass plus
     a DequantizeLinear/QuantizeLinear around it); ``qdq``: remaining QuantizeLinear/DequantizeLinear nodes.
     """
+    from .runner import optimized_graph
+
     ops = Counter(n.op_type for n in optimized_graph(path).graph.node)
     fused = {k: v for k, v in ops.items() if k in FUSED_INT8_OPS}
     plumbing = {k: v for k, v in ops.items() if k in PLUMBING}
@@ -541,3 +399,26 @@ def quantizable_nodes(path: Union[str, os.PathLike], op_types: Sequence[str] = (
     """Names of the nodes whose precision the fallback may change (the compute-heavy quantized ops)."""
     model = onnx.load(os.fspath(path), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in op_types and n.name]
+
+
+class OrtQuantizer:
+    """The ``ort`` recipe as the INT8 engine's Q/DQ quantizer (``exporters.int8.qdq.QdqQuantizer``)."""
+
+    name = NAME
+    timed_here = True        # the artefact runs on onnxruntime, here: the speed floor and timing mean something
+    bias_correction = True   # onnxruntime's weight grid: symmetric per-channel amax/127
+
+    def prepare(self, src: str, dst: str) -> dict:
+        return prepare(src, dst)
+
+    def default_float(self, prepared: str) -> Dict[str, str]:
+        return default_exclusions(prepared)
+
+    def candidates(self, prepared: str) -> List[str]:
+        return quantizable_nodes(prepared)
+
+    def quantize(self, src: str, dst: str, ranges, exclude: Sequence[str]) -> dict:
+        return quantize(src, dst, ranges, exclude)
+
+    def report(self, path: str) -> dict:
+        return op_report(path)

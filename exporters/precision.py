@@ -1,0 +1,22 @@
+"""The numeric precisions an artefact can have, as one enum used by every layer above ``calibration``."""
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Precision(str, Enum):
+    """``INT8_WEIGHTS`` is weight-only 8-bit (activations stay float), named apart from ``INT8`` (weights and
+    activations quantized) so that a manifest never calls weight compression "int8". A ``str`` enum: it
+    compares equal to its value, so manifests and JSON carry the plain text."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+    INT8_WEIGHTS = "int8-weights"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_int8(self) -> bool:
+        return self in (Precision.INT8, Precision.INT8_WEIGHTS)
