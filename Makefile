@@ -22,6 +22,8 @@ PRECISIONS ?=
 JOBS ?=
 REPORTS ?= reports
 SCORECARD ?= benchmarks/scorecard.json
+# the default matrix writes its table into the docs; a partial one (ARCHS/TARGETS/PRECISIONS given) does not
+RESULTS_DOC ?= $(if $(strip $(ARCHS)$(TARGETS)$(PRECISIONS)),,docs/results/matrix.md)
 
 .PHONY: help install export validate verify list matrix test test-all bench clean data
 
@@ -79,7 +81,8 @@ list: $(STAMP)
 matrix: $(STAMP)
 	$(PY) -m edgecnn matrix $(if $(strip $(ARCHS)),--archs $(ARCHS)) $(if $(strip $(TARGETS)),--targets $(TARGETS)) \
 		$(if $(strip $(PRECISIONS)),--precisions $(PRECISIONS)) --weights "$(WEIGHTS)" $(if $(CALIB),--calib "$(CALIB)") \
-		--out "$(OUT)" --report-dir "$(REPORTS)" --scorecard "$(SCORECARD)" $(if $(JOBS),--jobs $(JOBS)) $(EXTRA)
+		--out "$(OUT)" --report-dir "$(REPORTS)" --scorecard "$(SCORECARD)" $(if $(JOBS),--jobs $(JOBS)) \
+		$(if $(RESULTS_DOC),--results-doc "$(RESULTS_DOC)") $(EXTRA)
 
 # Fashion-MNIST (MIT, Debian package) for the trained-weight tests; tests skip with a reason without it.
 data:

@@ -2,9 +2,7 @@
 ``docs/results/`` with the commit, date, machine and load it was measured on (tables are never copied by hand)."""
 from __future__ import annotations
 
-import datetime as _dt
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,27 +25,12 @@ def model_and_images(arch: str, calib_size: int, eval_size: int, weights: str = 
     return entry, model, info, cs
 
 
-def provenance() -> str:
-    """One line: commit (with a dirty mark), date, machine, cores, load now."""
-    from edgecnn.validate.latency import machine_description
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", ""
-    m = machine_description()
-    return (f"commit {commit}{' (uncommitted changes)' if dirty else ''}, "
-            f"{_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, {m.get('cpu')} "
-            f"({', '.join(m.get('isa', []))}), {m.get('logical_cores')} logical cores, load {m.get('load_avg_1m')}")
-
-
 def write_result(name: str, title: str, body: str, how: str) -> Path:
     """Write ``docs/results/<name>.md`` (title, provenance, how it was measured, the table) and print it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
+    from edgecnn.versions import provenance
+
     text = (f"# {title}\n\nMeasured by `{how}` — {provenance()}. Written by the script; do not edit by hand.\n\n"
             f"{body.strip()}\n")
     tmp = path.with_suffix(f".md.tmp{os.getpid()}")

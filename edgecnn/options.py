@@ -63,6 +63,9 @@ class ExportOptions:
 
     def check(self) -> "ExportOptions":
         """Refuse values no code path accepts, as one usage error naming the option."""
+        wrong = _type_problems(self, "")
+        if wrong:
+            raise UsageError(wrong[0], hint="`edgecnn export --help` lists the options and their types")
         if self.onnx_exporter not in ONNX_EXPORTERS:
             raise UsageError(f"unknown ONNX exporter {self.onnx_exporter!r}", hint="use auto, torchscript or dynamo")
         if self.coreml.w8a8_scheme not in W8A8_SCHEMES:
@@ -83,6 +86,28 @@ class ExportOptions:
 
 
 SECTIONS = {"int8": Int8Options, "trt": TrtOptions, "coreml": CoreMLOptions}
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text", tuple: "a list of names"}
+
+
+def _type_problems(obj, prefix: str) -> list:
+    """Fields of ``obj`` (and its sections) whose value is not of the declared type (options built in Python)."""
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            problems += _type_problems(value, f"{prefix}{f.name}.") if isinstance(value, kind) else \
+                [f"option {prefix}{f.name} must be {kind.__name__}, not {type(value).__name__}"]
+            continue
+        base = _base_type(kind)
+        optional = _origin(kind) is typing.Union and value is None
+        ok = optional or (isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))) or \
+            (base is float and isinstance(value, int) and not isinstance(value, bool))
+        if base is tuple and ok:
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            problems.append(f"option {prefix}{f.name}={value!r} is not {_KIND_WORDS.get(base, base.__name__)}")
+    return problems
 
 
 def _build(cls, d: dict, prefix: str):

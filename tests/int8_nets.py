@@ -13,7 +13,7 @@ def tiny_spec(size: int = 32):
 
 
 def export_module(module, path: Path, size: int = 32) -> Path:
-    from exporters.onnx import export_onnx
+    from exporters.onnx.export import export_onnx
 
     export_onnx(module.eval(), tiny_spec(size), path)
     return path
@@ -59,3 +59,37 @@ def images(n: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
 
     cs = CalibrationSet.create(None, tiny_spec(size), calib_size=n, eval_size=8, cache=False, seed=seed)
     return cs.array("calib", limit=n)
+
+
+def ort_recipe(fp32: Path, work: Path, out: Path = None, quantizer=None):
+    """The engine's Q/DQ recipe on ``fp32`` (default: the ``ort`` quantizer), prepared into ``work``; returns
+    (recipe, default float layers)."""
+    from exporters.int8.qdq import QdqRecipe
+    from exporters.onnx.quant import OrtQuantizer
+
+    recipe = QdqRecipe(quantizer or OrtQuantizer(), fp32, out or Path(work) / "int8.onnx", work)
+    recipe.prepare(lambda s: None)
+    return recipe, recipe.default_float()
+
+
+def minmax_ranges(path, x: np.ndarray, batch: int = 16):
+    from calibration.ranges import compute_ranges
+
+    return compute_ranges(path, [x[i:i + batch] for i in range(0, len(x), batch)], "minmax")
+
+
+def run(path, x: np.ndarray) -> np.ndarray:
+    from exporters.onnx.runner import run_onnx
+
+    return run_onnx(path, x)
+
+
+class ArrayCalib:
+    """The part of ``calibration.CalibrationSet`` the INT8 recipes read (``iter_batches``), over an array."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = np.asarray(x, np.float32)
+
+    def iter_batches(self, split: str = "calib", batch_size: int = 16):
+        for i in range(0, len(self.x), batch_size):
+            yield self.x[i:i + batch_size]

@@ -1,4 +1,4 @@
-"""Empirical bias correction (exporters/empirical_bias.py) with real onnxruntime on a trained deep net: the
+"""Empirical bias correction (exporters/int8/bias.py) with real onnxruntime on a trained deep net: the
 Fashion-MNIST MobileNetV2 the suite trains (tests/fmnist.py), whose inverted residual blocks pass
 activation-rounding shifts down the residual streams. Calibration and held-out images are disjoint."""
 from __future__ import annotations
@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 
 from calibration.ranges import compute_ranges
-from exporters import empirical_bias, quant_fallback, quant_ort
+from exporters import parity
+from exporters.int8 import bias
+from exporters.onnx import quant as quant_ort
+from exporters.onnx.runner import run_onnx
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     fm = pytest.importorskip("fmnist", reason="tests/fmnist.py (the Fashion-MNIST harness) is not in this tree")
     fm.require_data()
-    from exporters.onnx import export_onnx
+    from exporters.onnx.export import export_onnx
 
     d = tmp_path_factory.mktemp("ebc")
     spec = fm.fmnist_spec("mobilenet_v2")
@@ -34,7 +37,7 @@ def net(tmp_path_factory):
 def _held_out_sqnr(d, fp32, prep, ranges, x):
     out = d / "q.onnx"
     quant_ort.quantize(prep, out, ranges, [])
-    return quant_fallback.compare(quant_fallback.run_onnx(out, x), quant_fallback.run_onnx(fp32, x)).sqnr_db
+    return parity.compare(run_onnx(fp32, x), run_onnx(out, x)).sqnr_db
 
 
 def test_damped_passes_raise_the_sqnr_on_calibration_and_held_out_images(net):
@@ -42,7 +45,7 @@ def test_damped_passes_raise_the_sqnr_on_calibration_and_held_out_images(net):
     prep = d / "prep.onnx"
     shutil.copyfile(unc, prep)
     before = _held_out_sqnr(d, fp32, prep, ranges, held_out)
-    rep = empirical_bias.correct(str(prep), str(unc), quant_ort.quantize, ranges, [], calib, passes=4)
+    rep = bias.correct_empirical(str(prep), str(unc), quant_ort.quantize, ranges, [], calib, passes=4)
     after = _held_out_sqnr(d, fp32, prep, ranges, held_out)
     print(rep.to_dict(), before, after)
     assert rep.convs > 40 and rep.best_pass > 0
@@ -54,7 +57,7 @@ def test_an_undamped_correction_diverges_and_the_best_pass_keeps_the_model_from_
     d, fp32, unc, ranges, calib, held_out = net
     prep = d / "prep_undamped.onnx"
     shutil.copyfile(unc, prep)
-    rep = empirical_bias.correct(str(prep), str(unc), quant_ort.quantize, ranges, [], calib, passes=2, damp=1.0)
+    rep = bias.correct_empirical(str(prep), str(unc), quant_ort.quantize, ranges, [], calib, passes=2, damp=1.0)
     print(rep.to_dict())
     # every full-strength pass made the calibration fit worse than no correction (measured here: the
     # best pass is 0, 31.1 dB), so the kept biases are the original ones, bit for bit

@@ -202,9 +202,8 @@ def _accuracy_on_eval_split(arch, kw, eval_size):
 def test_export_trained_lenet5_reports_labelled_accuracy(tmp_path):
     """Python API: a Fashion-MNIST checkpoint, its input spec, labelled test images as calibration/eval."""
     fmnist.require_data()
-    from edgecnn.pipeline import export
-    from edgecnn.targets import ExportOptions
-    from edgecnn.validate.bundle import validate_bundle
+    from edgecnn.options import ExportOptions
+    from edgecnn.pipeline import export, validate
 
     kw = fmnist.pipeline_kwargs("lenet5", tmp_path / "work", n=400)
     res = export("lenet5", "onnx", "fp32", out=tmp_path / "out", quiet=True,
@@ -220,7 +219,7 @@ def test_export_trained_lenet5_reports_labelled_accuracy(tmp_path):
     assert "accuracy torch FP32" in res.summary()
     with np.load(res.path / "reference.npz") as ref:
         assert "labels" in ref.files and len(ref["labels"]) == len(ref["pixels"])
-    again = validate_bundle(res.path, latency=False)  # torch-free re-validation uses the bundled labels too
+    again = validate(res.path, latency=False)  # torch-free re-validation uses the bundled labels too
     assert again["status"] == "validated" and again["parity"]["ref_accuracy"] is not None
 
 

@@ -9,10 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.ranges import compute_ranges
-from exporters import qdq_check, quant_fallback, quant_ort, quant_trt
+from exporters import parity
+from exporters.int8 import fallback
+from exporters.tensorrt import qdq_check
+from exporters.tensorrt import quant as trt
 
-from int8_nets import export_module, images
+from int8_nets import export_module, images, minmax_ranges, ort_recipe, run
 
 SIZE = 64
 
@@ -26,7 +28,7 @@ def squeeze(tmp_path_factory):
     torch.manual_seed(0)
     fp32 = export_module(torchvision.models.squeezenet1_1(num_classes=100), d / "fp32.onnx", size=SIZE)
     x = images(64, size=SIZE)
-    return d, fp32, x, quant_fallback.run_onnx(fp32, x)
+    return d, fp32, x, run(fp32, x)
 
 
 def _kept_layers(res):
@@ -54,7 +56,7 @@ def _check_agreement_phase(res, base, before_bar, out_path, fp32, x):
     else:
         assert res.stopped in ("layer budget", "ranked layers exhausted", "time budget")
     # the written model is the one measured
-    final = quant_fallback.compare(quant_fallback.run_onnx(out_path, x), quant_fallback.run_onnx(fp32, x))
+    final = parity.compare(run(fp32, x), run(out_path, x))
     assert final.top1_agreement == pytest.approx(res.after.top1_agreement)
     assert final.sqnr_db == pytest.approx(res.after.sqnr_db, abs=1e-3)
     d = res.to_dict()
@@ -62,66 +64,60 @@ def _check_agreement_phase(res, base, before_bar, out_path, fp32, x):
     return extra
 
 
-def _prepared(squeeze, name: str):
-    """The ort recipe's prepared graph, its minmax ranges and default exclusions for the squeeze fixture."""
+def _space(squeeze, tmp_path, quantizer=None, speedup=None):
+    """The engine's Q/DQ recipe (default: ort) on the squeeze fixture, prepared, with minmax ranges."""
     d, fp32, x, _ = squeeze
-    prep = d / name
-    quant_ort.prepare(fp32, prep)
-    ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
-    return prep, ranges, quant_ort.default_exclusions(prep)
+    recipe, base = ort_recipe(fp32, tmp_path, quantizer=quantizer)
+    return recipe, base, recipe.space(minmax_ranges(recipe.prepared, x), base, speedup)
 
 
-def test_ort_recipe_agreement_phase_continues_past_the_sqnr_phase(squeeze):
+# min_gain_db is out of reach, as on EfficientNet-Lite0 where no single layer passes it
+HALF = dict(max_float_fraction=0.5, min_gain_db=100.0, rank_images=32)
+
+
+def test_ort_recipe_agreement_phase_continues_past_the_sqnr_phase(squeeze, tmp_path):
     d, fp32, x, ref = squeeze
-    prep, ranges, base = _prepared(squeeze, "prep.onnx")
-    out = d / "ort.onnx"
-    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(out), ranges, x, reference=ref,
-                                  candidates=quant_ort.quantizable_nodes(prep), base_exclude=base,
-                                  min_agreement=1.0, max_float_fraction=0.5, min_gain_db=100.0,
-                                  rank_images=32, batch=3)
+    recipe, base, sp = _space(squeeze, tmp_path)
+    res = fallback.fallback(sp, x, ref, bar=fallback.Bar(min_agreement=1.0), settings=fallback.Settings(**HALF, batch=3))
     assert all(s["images"] == 32 for s in res.steps if s["phase"] == "sqnr")
-    _check_agreement_phase(res, base, 1.0, out, fp32, x)
+    _check_agreement_phase(res, base, 1.0, recipe.out, fp32, x)
 
 
 def test_ort_recipe_without_the_agreement_phase_stops_where_it_did(squeeze, tmp_path):
     d, fp32, x, ref = squeeze
-    prep = d / "prep-b.onnx"
-    quant_ort.prepare(fp32, prep)
-    ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
-    base = quant_ort.default_exclusions(prep)
-    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "o.onnx"), ranges, x, reference=ref,
-                                  candidates=quant_ort.quantizable_nodes(prep), base_exclude=base,
-                                  min_agreement=1.0, max_float_fraction=0.5, min_gain_db=100.0, rank_images=32,
-                                  agreement_phase=False, max_seconds=15)
+    _, base, sp = _space(squeeze, tmp_path)
+    res = fallback.fallback(sp, x, ref, bar=fallback.Bar(min_agreement=1.0),
+                            settings=fallback.Settings(**HALF, agreement_phase=False, max_seconds=15))
     assert not res.passed and res.excluded == base and res.after == res.before
     assert not [s for s in res.steps if s["phase"] == "agreement"]
 
 
-def test_trt_recipe_agreement_phase_keeps_layers_float_within_the_qdq_rules(squeeze):
-    d, fp32, x, ref = squeeze
-    ranges, _ = quant_trt.calibrate_ranges(fp32, x)
-    import onnx
+class _CheckedTrt(trt.TrtQuantizer):
+    """The trt quantizer, recording whether every model it writes passes the Q/DQ rule checker."""
 
-    model = onnx.load(str(fp32))
-    base = quant_trt.default_float_layers(model)
-    cands = [n.name for n in model.graph.node if n.op_type in quant_trt.QUANTIZED_OPS and n.name not in base]
-    trials = []
+    def __init__(self):
+        super().__init__()
+        self.trials = []
 
-    def recipe(src, dst, r, exclude):
-        info = quant_trt.quantize_trt(src, dst, r, list(exclude))   # proves the Q/DQ rules or raises
-        trials.append(qdq_check.check_file(dst).ok)
+    def quantize(self, src, dst, ranges, exclude):
+        info = super().quantize(src, dst, ranges, exclude)   # proves the Q/DQ rules or raises
+        self.trials.append(qdq_check.check_file(dst).ok)
         return info
 
-    out = d / "trt.onnx"
-    res = quant_fallback.fallback(recipe, str(fp32), str(out), ranges, x, reference=ref, candidates=cands,
-                                  base_exclude=base, min_agreement=1.0, max_float_fraction=0.5, min_gain_db=100.0,
-                                  rank_images=32, batch=4)
-    extra = _check_agreement_phase(res, base, 1.0, out, fp32, x)
-    assert trials and all(trials), "every model the fallback tried passes the TensorRT Q/DQ rules"
-    report = qdq_check.check_file(out)
+
+def test_trt_recipe_agreement_phase_keeps_layers_float_within_the_qdq_rules(squeeze, tmp_path):
+    d, fp32, x, ref = squeeze
+    quantizer = _CheckedTrt()
+    recipe, base, sp = _space(squeeze, tmp_path, quantizer=quantizer)
+    assert base == trt.default_float_layers(onnx.load(str(fp32)))
+    res = fallback.fallback(sp, x, ref, bar=fallback.Bar(min_agreement=1.0), settings=fallback.Settings(**HALF, batch=4))
+    extra = _check_agreement_phase(res, base, 1.0, recipe.out, fp32, x)
+    assert quantizer.trials and all(quantizer.trials), "every model the fallback tried passes the TensorRT Q/DQ rules"
+    report = qdq_check.check_file(recipe.out)
     assert report.ok, report.violations
     assert set(extra) <= set(report.stats["float_layers"]) and set(extra) <= set(res.info["float_layers"])
-    assert res.info["quantized_layers"] == len([n for n in model.graph.node if n.op_type in quant_trt.QUANTIZED_OPS]) \
+    model = onnx.load(str(fp32))
+    assert res.info["quantized_layers"] == len([n for n in model.graph.node if n.op_type in trt.QUANTIZED_OPS]) \
         - len(res.info["float_layers"])
 
 
@@ -130,21 +126,19 @@ def test_fallback_stops_at_the_speed_floor(squeeze, tmp_path):
     take the model below ``min_speedup`` is not kept and the search stops. The speed model here is the
     share of tensors still quantized (deterministic, so the test checks the loop, not the busy box)."""
     d, fp32, x, ref = squeeze
-    prep, ranges, base = _prepared(squeeze, "prep-s.onnx")
-    full = tmp_path / "full.onnx"
-    quant_ort.quantize(prep, full, ranges, list(base))
-    n_q = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(full)).graph.node)
     seen = []
+    n_q = []
 
     def speedup(path):
-        s = 2.0 * sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node) / n_q
+        s = 2.0 * sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node) / n_q[0]
         seen.append(s)
         return s
 
-    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "o.onnx"), ranges, x, reference=ref,
-                                  candidates=quant_ort.quantizable_nodes(prep), base_exclude=base,
-                                  min_agreement=1.0, max_float_fraction=0.5, min_gain_db=100.0, rank_images=32,
-                                  batch=3, speedup=speedup, min_speedup=1.999)
+    recipe, base, sp = _space(squeeze, tmp_path, speedup=speedup)
+    sp.write(list(base))
+    n_q.append(sum(n.op_type == "QuantizeLinear" for n in onnx.load(recipe.out).graph.node))
+    res = fallback.fallback(sp, x, ref, bar=fallback.Bar(min_agreement=1.0),
+                            settings=fallback.Settings(**HALF, batch=3, min_speedup=1.999))
     assert seen and all(s < 1.999 for s in seen), "every float layer removes Q/DQ pairs"
     assert res.stopped == "speed floor" and res.excluded == base
     last = res.steps[-1]
@@ -155,20 +149,18 @@ def test_fallback_stops_at_the_speed_floor(squeeze, tmp_path):
 def test_near_tie_flips_are_counted_and_named_in_the_int8_reason():
     """A flip whose FP32 top-1/top-2 gap is under twice the image's logit error is a near-tie; a flip on a
     clear winner is not. Both count against the gate; the reason says how many were near-ties."""
-    from edgecnn.validate import metrics
-
     ref = np.zeros((4, 10))
     ref[:, 0] = 5.0
     ref[0, 1] = 4.99   # image 0: a near-tie between classes 0 and 1
     out = ref.copy()
     out[0, 1] += 0.05  # a small error flips it
     out[1, 3] = 5.5    # image 1: an error on one logit flips a clear winner (gap 5 > 2 x RMS error 1.74)
-    assert quant_fallback.near_tie_flips(ref, out).tolist() == [True, False, False, False]
-    p = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=True)
+    assert parity.near_tie_flips(ref, out).tolist() == [True, False, False, False]
+    p = parity.apply_gate(parity.compare(ref, out), "int8", trained=True)
     assert (p.flips, p.flips_near_tie, p.passed) == (2, 1, False)
     assert "2 flips, 1 of them near-ties" in p.reason
-    assert quant_fallback.compare(out, ref).flips_low_margin == 1
-    clean = metrics.apply_gate(metrics.compare(ref, ref), "int8", trained=True)
+    assert fallback.probe_record(parity.compare(ref, out))["flips_near_tie"] == 1
+    clean = parity.apply_gate(parity.compare(ref, ref), "int8", trained=True)
     assert (clean.flips, clean.flips_near_tie, clean.passed) == (0, 0, True)
 
 
@@ -176,19 +168,15 @@ def test_agreement_carries_its_wilson_interval_on_both_sides():
     """92 of 96 is "95.8%", but the count is as likely from ~90-98%: the manifest and the reason say so."""
     from scipy.stats import binomtest
 
-    from edgecnn.validate import metrics
-    from exporters import trt_device as td
-
     for hits, n in ((92, 96), (96, 96), (0, 10), (1, 1)):
-        ours = metrics.wilson_interval(hits, n)
+        ours = parity.wilson_interval(hits, n)
         scipy_ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
         assert ours == pytest.approx([scipy_ci.low, scipy_ci.high], abs=2e-4), (hits, n)
     rng = np.random.default_rng(3)
     ref = rng.standard_normal((96, 10))
     out = ref.copy()
     out[:4] = ref[:4] * -1                                        # 4 flips
-    p = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=True)
+    p = parity.apply_gate(parity.compare(ref, out), "int8", trained=True)
     assert p.flips == 4 and p.top1_agreement_ci95 == pytest.approx([0.8977, 0.9837], abs=1e-4)
     assert "of 96 images (95% interval 89.8%–98.4%" in p.reason
-    assert td.gate(td.compare(ref, out), "int8", True)["reason"] == p.reason
     assert p.to_dict()["top1_agreement_ci95"] == [0.8977, 0.9837]

@@ -12,7 +12,9 @@ import onnx
 import pytest
 
 from calibration.ranges import compute_ranges
-from exporters import quant_fallback, quant_ort
+from exporters import parity
+from exporters.onnx import quant as quant_ort
+from exporters.onnx.runner import run_onnx
 
 from int8_nets import export_module, images
 
@@ -32,7 +34,7 @@ def mnv2(tmp_path_factory):
     quant_ort.prepare(fp32, prep)
     x = images(32, size=SIZE)
     ranges = compute_ranges(prep, [x[i:i + 16] for i in range(0, len(x), 16)], "minmax")
-    return d, fp32, prep, x, ranges, quant_fallback.run_onnx(fp32, x)
+    return d, fp32, prep, x, ranges, run_onnx(fp32, x)
 
 
 def _quantized_tensors(path):
@@ -70,8 +72,8 @@ def test_float_layer_has_float_inputs_and_outputs_and_keeps_its_relu6(mnv2):
     assert qprod[clips[0].input[0]].name == layer.name
     onnx.checker.check_model(q)
     # and the float layer does not make the model worse (a lost ReLU6 would: unbounded activations)
-    m_plain = quant_fallback.compare(quant_fallback.run_onnx(plain, x), ref)
-    m_float = quant_fallback.compare(quant_fallback.run_onnx(out, x), ref)
+    m_plain = parity.compare(ref, run_onnx(plain, x))
+    m_float = parity.compare(ref, run_onnx(out, x))
     assert m_float.sqnr_db > m_plain.sqnr_db - 1.0, (m_plain, m_float)
 
 
@@ -80,10 +82,10 @@ def test_in_the_limit_float_layers_remove_the_int8_error(mnv2):
     speed cost. With node exclusion only (weights float, activations still rounded) it cannot."""
     d, fp32, prep, x, ranges, ref = mnv2
     cands = quant_ort.quantizable_nodes(prep)
-    int8 = quant_fallback.compare(quant_fallback.run_onnx(_q(d, prep, ranges, [], True), x), ref)
-    nodes_only = quant_fallback.compare(quant_fallback.run_onnx(_q(d, prep, ranges, cands, False), x), ref)
-    half = quant_fallback.compare(quant_fallback.run_onnx(_q(d, prep, ranges, cands[: len(cands) // 2], True), x), ref)
-    every = quant_fallback.compare(quant_fallback.run_onnx(_q(d, prep, ranges, cands, True), x), ref)
+    int8 = parity.compare(ref, run_onnx(_q(d, prep, ranges, [], True), x))
+    nodes_only = parity.compare(ref, run_onnx(_q(d, prep, ranges, cands, False), x))
+    half = parity.compare(ref, run_onnx(_q(d, prep, ranges, cands[: len(cands) // 2], True), x))
+    every = parity.compare(ref, run_onnx(_q(d, prep, ranges, cands, True), x))
     assert every.sqnr_db > 45 and every.top1_agreement == 1.0, every
     assert every.sqnr_db > nodes_only.sqnr_db + 10, (nodes_only, every)
     assert int8.sqnr_db < half.sqnr_db < every.sqnr_db, (int8, half, every)

@@ -1,5 +1,5 @@
-"""The ort recipe (graph preparation, fused INT8 kernels, float logits) and the sensitivity fallback loop,
-on real small nets with real onnxruntime."""
+"""The ort recipe (graph preparation, fused INT8 kernels, float logits), the engine's Q/DQ recipe and the
+sensitivity fallback loop, on real small nets with real onnxruntime."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,12 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.ranges import compute_ranges
-from exporters import quant_fallback, quant_ort
+from exporters import parity
+from exporters.int8 import bias, fallback
+from exporters.int8.qdq import restore_originals
+from exporters.onnx import quant as ort
 
-from int8_nets import export_module, images, se_net
+from int8_nets import export_module, images, minmax_ranges, ort_recipe, run, se_net
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +21,9 @@ def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("recipe")
     fp32 = export_module(se_net(), d / "fp32.onnx")
     prep = d / "prep.onnx"
-    rewrites = quant_ort.prepare(fp32, prep)
+    rewrites = ort.prepare(fp32, prep)
     x = images(32)
-    ranges = compute_ranges(prep, [x[i:i + 8] for i in range(0, len(x), 8)], "minmax")
+    ranges = minmax_ranges(prep, x, batch=8)
     return d, fp32, prep, rewrites, x, ranges
 
 
@@ -36,15 +38,14 @@ def test_prepare_rewrites_are_exact(prepared):
     assert rewrites["reducemean_to_gap"] >= 1 and "ReduceMean" not in after and "GlobalAveragePool" in after
     assert rewrites["hardsigmoid_folded_into_conv"] == 1  # the SE gate (HardSwish's own HardSigmoid is not after a Conv)
     assert rewrites["silu_to_quickgelu"] == 1 and "QuickGelu" in after
-    ref = quant_fallback.run_onnx(fp32, x)
-    out = quant_fallback.run_onnx(prep, x)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    ref = run(fp32, x)
+    np.testing.assert_allclose(run(prep, x), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
 def test_ort_recipe_runs_fused_int8_kernels_with_float_logits(prepared):
     d, fp32, prep, _, x, ranges = prepared
     out = d / "int8.onnx"
-    info = quant_ort.quantize(prep, out, ranges, quant_ort.default_exclusions(prep))
+    info = ort.quantize(prep, out, ranges, ort.default_exclusions(prep))
     assert info["float_outputs"] == ["logits"]
     model = onnx.load(os.fspath(out))
     q_types = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
@@ -52,29 +53,35 @@ def test_ort_recipe_runs_fused_int8_kernels_with_float_logits(prepared):
     # activations UINT8 asymmetric, weights INT8 per-channel
     act_zp = [zero_points[n.input[2]] for n in q_types.values() if n.input[2] in zero_points]
     assert act_zp and all(z.data_type == onnx.TensorProto.UINT8 for z in act_zp)
-    report = quant_ort.op_report(out)
+    report = ort.op_report(out)
     assert report["fused_ops"].get("QLinearConv", 0) >= 3, report
     assert report["fused_ops"].get("QLinearAdd", 0) == 1, report
     assert "QLinearGlobalAveragePool" in report["fused_ops"], report
     assert set(report["float_ops"]) <= {"Conv", "QuickGelu", "Mul", "HardSigmoid", "ReorderOutput", "ReorderInput"}, report
-    m = quant_fallback.compare(quant_fallback.run_onnx(out, x), quant_fallback.run_onnx(fp32, x))
+    m = parity.compare(run(fp32, x), run(out, x))
     assert m.cosine > 0.98 and m.sqnr_db > 12, m
     assert "logits" in {o.name for o in model.graph.output}
 
 
-def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, tmp_path):
-    _, fp32, prep, _, x, ranges = prepared
-    probe = x[:16]
-    cands = quant_ort.quantizable_nodes(prep)
-    base = quant_ort.default_exclusions(prep)
-    plain = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "a.onnx"), ranges, probe,
-                                    candidates=cands, base_exclude=base, min_agreement=0.0, min_sqnr_db=-999)
+@pytest.fixture(scope="module")
+def space(prepared, tmp_path_factory):
+    """The engine's ort recipe on the SE net: its search space over the prepared model."""
+    d, fp32, _, _, x, _ = prepared
+    work = tmp_path_factory.mktemp("space")
+    recipe, base = ort_recipe(fp32, work)
+    return recipe, base, recipe.space(minmax_ranges(recipe.prepared, x, batch=8), base, None)
+
+
+def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, space):
+    _, fp32, _, _, x, _ = prepared
+    recipe, base, sp = space
+    probe, ref = x[:16], run(fp32, x[:16])
+    plain = fallback.fallback(sp, probe, ref, bar=fallback.Bar(min_agreement=0.0))
     assert plain.passed and plain.excluded == base and not plain.sensitivity  # nothing to do: no search
     target = plain.before.sqnr_db + 0.5   # a bar the defaults miss: forces the sensitivity search
-    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "b.onnx"), ranges, probe,
-                                  candidates=cands, base_exclude=base, min_agreement=0.0, min_sqnr_db=target,
-                                  max_float_fraction=1.0, agreement_phase=False)
-    assert len(res.sensitivity) == len([c for c in cands if c not in base])
+    res = fallback.fallback(sp, probe, ref, bar=fallback.Bar(min_agreement=0.0, min_sqnr_db=target),
+                            settings=fallback.Settings(max_float_fraction=1.0, agreement_phase=False))
+    assert len(res.sensitivity) == len([c for c in sp.candidates if c not in base])
     assert res.sensitivity[0]["sqnr_db"] >= res.sensitivity[-1]["sqnr_db"]
     assert res.steps, "the loop tried fallback counts"
     extra = [n for n in res.excluded if n not in base]
@@ -84,23 +91,21 @@ def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, tmp_path):
     sq = [res.before.sqnr_db] + [st["sqnr_db"] for st in kept]
     assert sq == sorted(sq), "every layer kept float improved the probe SQNR"
     assert res.after.sqnr_db >= res.before.sqnr_db
-    if extra:
-        got = quant_fallback.compare(quant_fallback.run_onnx(tmp_path / "b.onnx", probe),
-                                     quant_fallback.run_onnx(fp32, probe))
-        assert got.sqnr_db == pytest.approx(res.after.sqnr_db, abs=1e-3)
+    got = parity.compare(ref, run(recipe.out, probe))   # the written model is the one measured
+    assert got.sqnr_db == pytest.approx(res.after.sqnr_db, abs=1e-3)
     d = res.to_dict()
     assert d["agreement_before"]["samples"] == 16 and "layers_float" in d
 
 
-def test_fallback_gives_up_at_the_budget(prepared, tmp_path):
-    _, _, prep, _, x, ranges = prepared
-    res = quant_fallback.fallback(quant_ort.quantize, str(prep), str(tmp_path / "c.onnx"), ranges, x[:8],
-                                  candidates=quant_ort.quantizable_nodes(prep), min_agreement=0.0,
-                                  min_sqnr_db=500.0, max_float_fraction=0.5)
+def test_fallback_gives_up_at_the_budget(prepared, space):
+    _, fp32, _, _, x, _ = prepared
+    _, _, sp = space
+    res = fallback.fallback(sp, x[:8], run(fp32, x[:8]), bar=fallback.Bar(min_agreement=0.0, min_sqnr_db=500.0),
+                            settings=fallback.Settings(max_float_fraction=0.5))
     assert not res.passed
     kept = [n for s in res.steps if s["kept"] for n in ([s["layer"]] if s["phase"] == "sqnr" else s["layers"])]
     assert len(kept) <= max(1, int(res.candidates * 0.5)) == res.budget_layers
-    assert sorted(res.excluded) == sorted(kept)
+    assert sorted(n for n in res.excluded if n not in sp.default_float) == sorted(kept)
     assert res.stopped in ("layer budget", "ranked layers exhausted")
 
 
@@ -121,17 +126,14 @@ def _outlier_depthwise_net():
 
 
 def test_bias_correction_cancels_the_mean_shift_of_int8_weights(prepared, tmp_path):
-    from calibration.ranges import channel_means
-
     _, _, _, _, x, _ = prepared
     fp32 = export_module(_outlier_depthwise_net(), tmp_path / "dw.onnx")
     prep = tmp_path / "dw.prep.onnx"
-    quant_ort.prepare(fp32, prep)
-    means = channel_means(prep, [x[:16], x[16:]], quant_ort.bias_correction_inputs(prep))
+    ort.prepare(fp32, prep)
+    means = bias.channel_means(prep, [x[:16], x[16:]], bias.correction_inputs(prep))
     assert means and all(np.isfinite(v).all() for v in means.values())
     corrected = tmp_path / "corrected.onnx"
-    n = quant_ort.bias_correction(prep, corrected, means)
-    assert n == 2
+    assert bias.correct_analytic(prep, corrected, means) == 2
 
     def weights_only(src, dst):  # the INT8 weights the quantizer will use, in an otherwise float model
         from onnx import numpy_helper
@@ -141,18 +143,18 @@ def test_bias_correction_cancels_the_mean_shift_of_int8_weights(prepared, tmp_pa
         for init in m.graph.initializer:
             if init.name in convw:
                 w = numpy_helper.to_array(init).astype(np.float32)
-                init.CopyFrom(numpy_helper.from_array(quant_ort.quantize_weight_like_ort(w), init.name))
+                init.CopyFrom(numpy_helper.from_array(bias.quantize_weight_like_ort(w), init.name))
         onnx.save(m, os.fspath(dst))
         return dst
 
-    ref = quant_fallback.run_onnx(fp32, x)
-    plain = quant_fallback.compare(quant_fallback.run_onnx(weights_only(prep, tmp_path / "p.onnx"), x), ref)
-    fixed = quant_fallback.compare(quant_fallback.run_onnx(weights_only(corrected, tmp_path / "c.onnx"), x), ref)
+    ref = run(fp32, x)
+    plain = parity.compare(ref, run(weights_only(prep, tmp_path / "p.onnx"), x))
+    fixed = parity.compare(ref, run(weights_only(corrected, tmp_path / "c.onnx"), x))
     assert fixed.sqnr_db > plain.sqnr_db + 1, (plain, fixed)  # measured +2 dB here, +6.4 dB on EfficientNet-Lite0
     # undone for a layer kept float: back to the original bias exactly
     node = next(nd.name for nd in onnx.load(os.fspath(corrected)).graph.node if nd.input[-1].endswith("_bias_corrected"))
     restored = tmp_path / "restored.onnx"
-    assert quant_ort.restore_biases(corrected, prep, [node], restored) == 1
+    assert restore_originals(str(corrected), str(prep), [node], str(restored)) == 1
     a = {nd.name: list(nd.input) for nd in onnx.load(os.fspath(restored)).graph.node}
     b = {nd.name: list(nd.input) for nd in onnx.load(os.fspath(prep)).graph.node}
     assert a[node] == b[node]

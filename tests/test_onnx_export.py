@@ -16,8 +16,8 @@ from calibration import normalize
 from edgecnn import zoo
 from edgecnn.artefact import verify
 from edgecnn.pipeline import export
-from edgecnn.runtimes.onnxruntime import OnnxRuntimeRunner
-from edgecnn.targets import ExportOptions
+from exporters.onnx.runner import OnnxRuntimeRunner
+from edgecnn.options import ExportOptions
 
 FOCUS = ["squeezenet1_0", "squeezenet1_1", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small",
          "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0"]

@@ -1,4 +1,4 @@
-"""Error-compensated INT8 weight rounding (``exporters.weight_rounding``, GPTQ) on real photo patches and a
+"""Error-compensated INT8 weight rounding (``exporters.int8.rounding``, GPTQ) on real photo patches and a
 real small net run by onnxruntime: the weights stay on the quantizer's own grid, the output error drops
 below round-to-nearest, skipped layers are untouched, and a layer the fallback keeps float gets its
 original weights back."""
@@ -9,8 +9,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from calibration.ranges import iter_tensors
-from exporters import quant_fallback, quant_ort, weight_rounding
+from exporters.onnx.runner import iter_tensors
+from exporters import parity
+from exporters.int8 import bias, rounding as weight_rounding
+from exporters.int8.qdq import restore_originals
+from exporters.onnx import quant as quant_ort
+from exporters.onnx.runner import run_onnx
 
 from int8_nets import export_module, images, se_net
 
@@ -35,8 +39,8 @@ def test_gptq_round_stays_on_the_grid_and_beats_nearest_on_unseen_patches():
     q = weight_rounding.gptq_round(w, torch.from_numpy(h)).numpy()
     # the quantizer (symmetric per output channel, amax/127) reproduces every chosen integer
     flat = q.reshape(-1, q.shape[-1])
-    np.testing.assert_allclose(quant_ort.quantize_weight_like_ort(flat), flat, rtol=0, atol=1e-6 * np.abs(flat).max())
-    nearest = quant_ort.quantize_weight_like_ort(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+    np.testing.assert_allclose(bias.quantize_weight_like_ort(flat), flat, rtol=0, atol=1e-6 * np.abs(flat).max())
+    nearest = bias.quantize_weight_like_ort(w.reshape(-1, w.shape[-1])).reshape(w.shape)
 
     def err(wq):
         return float(sum(((unseen @ (wq[g] - w[g]).T) ** 2).sum() for g in range(2)))
@@ -75,7 +79,7 @@ def test_round_weights_rounds_every_eligible_layer_on_the_quantizers_grid(rounde
                   if n.op_type == "Conv" or (n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute))}
     for n in changed:
         w = after[n] if n in rows_first else after[n].T   # one row per output channel, as the quantizer scales
-        np.testing.assert_allclose(quant_ort.quantize_weight_like_ort(w), w, rtol=0, atol=1e-6 * np.abs(w).max())
+        np.testing.assert_allclose(bias.quantize_weight_like_ort(w), w, rtol=0, atol=1e-6 * np.abs(w).max())
     assert report.to_dict()["method"] == "gptq"
 
 
@@ -88,22 +92,22 @@ def test_rounded_weights_cost_less_output_error_than_nearest_on_held_out_images(
     for node in model.graph.node:
         if node.op_type == "Conv" and node.name not in skip and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(quant_ort.quantize_weight_like_ort(w), node.input[1]))
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(bias.quantize_weight_like_ort(w), node.input[1]))
     nearest = tmp_path / "nearest.onnx"
     onnx.save(model, str(nearest))
     held_out = x[32:]
-    ref = quant_fallback.run_onnx(str(prep), held_out)
+    ref = run_onnx(str(prep), held_out)
     # Gemm/MatMul are rounded too; compare the convolutions' part by keeping the classifier identical
-    err_rounded = quant_fallback.compare(quant_fallback.run_onnx(str(_with_head_of(out, prep, tmp_path)), held_out), ref)
-    err_nearest = quant_fallback.compare(quant_fallback.run_onnx(str(nearest), held_out), ref)
+    err_rounded = parity.compare(ref, run_onnx(str(_with_head_of(out, prep, tmp_path)), held_out))
+    err_nearest = parity.compare(ref, run_onnx(str(nearest), held_out))
     assert err_rounded.sqnr_db > err_nearest.sqnr_db + 3.0, (err_rounded, err_nearest)
 
 
 def _with_head_of(path, original, tmp_path):
-    """``path`` with its Gemm/MatMul weights taken back from ``original`` (restore_biases does exactly that)."""
+    """``path`` with its Gemm/MatMul weights taken back from ``original`` (restore_originals does exactly that)."""
     heads = [n.name for n in onnx.load(str(original)).graph.node if n.op_type in ("Gemm", "MatMul")]
     dst = tmp_path / "rounded-convs.onnx"
-    quant_ort.restore_biases(path, original, heads, dst)
+    restore_originals(str(path), str(original), heads, str(dst))
     return dst
 
 
@@ -112,7 +116,7 @@ def test_layer_kept_float_gets_its_original_weights_back(rounded, tmp_path):
     before = _weights(prep)
     conv = next(n for n in before if n not in skip and before[n].ndim == 4)
     dst = tmp_path / "restored.onnx"
-    assert quant_ort.restore_biases(out, prep, [conv], dst) == 1
+    assert restore_originals(str(out), str(prep), [conv], str(dst)) == 1
     np.testing.assert_array_equal(_weights(dst)[conv], before[conv])
 
 
@@ -130,12 +134,15 @@ def test_torch_rounding_lands_on_the_grid_coremltools_w8a8_derives(scheme):
     the range-setting (pinned) weights are the only ones it still rounds itself."""
     import torch
 
-    from exporters.coreml import prepare_w8a8
+    from exporters.coreml.w8a8 import W8A8Recipe
 
-    from int8_nets import tiny_spec
+    from int8_nets import ArrayCalib, tiny_spec
 
-    x = images(32)
-    _, prepared, seen, _, (info, originals) = prepare_w8a8(se_net(), tiny_spec(), [x[:16], x[16:]], scheme=scheme)
+    calib = ArrayCalib(images(32))
+    recipe = W8A8Recipe(se_net(), tiny_spec(), scheme=scheme)
+    recipe.prepare(lambda s: None)
+    recipe.round_weights(calib, [], lambda s: None)
+    prepared, info, originals = recipe.calibrate(calib, "minmax", lambda s: None).prepared, recipe.rounded, recipe.originals
     assert info["method"] == "gptq" and info["batchnorm_folded"] and info["layers"] == len(originals) >= 4
     checked = 0
     for name, mod in prepared.named_modules():

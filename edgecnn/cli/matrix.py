@@ -30,6 +30,9 @@ def register(sub) -> dict:
     p.add_argument("--report-dir", default="reports",
                    help="where the run's report folder (matrix-<time>/) goes (default ./reports; 'latest' links it)")
     p.add_argument("--no-report", action="store_true", help="write no report files")
+    p.add_argument("--results-doc", default=None, metavar="FILE.md",
+                   help="also write the cell table, with commit, date and machine, to FILE.md "
+                        "(make matrix: docs/results/matrix.md)")
     p.add_argument("--scorecard", default="benchmarks/scorecard.json",
                    help="expected numbers per cell to compare with (default benchmarks/scorecard.json)")
     p.add_argument("--no-scorecard", action="store_true", help="do not compare with a scorecard")
@@ -67,11 +70,14 @@ def _cmd_matrix(args) -> int:
                        cell_timeout=args.cell_timeout, force=args.force, retry_failed=args.retry_failed,
                        report_dir=None if args.no_report else args.report_dir,
                        scorecard=None if args.no_scorecard else args.scorecard,
-                       update_scorecard=args.update_scorecard, sensitivity_arch=args.sensitivity_arch,
+                       update_scorecard=args.update_scorecard, results_doc=args.results_doc,
+                       sensitivity_arch=args.sensitivity_arch,
                        quiet=args.quiet)
     run = run_matrix(cfg)
-    if run.report:
+    if run.report.get("markdown"):
         print(f"report: {run.report['markdown']}  {run.report['html']}")
+    if run.report.get("results_doc"):
+        print(f"results table: {run.report['results_doc']}")
     upd = run.scorecard_update
     if upd is not None:
         print(f"scorecard {cfg.scorecard}: {len(upd['updated'])} cell(s) updated"

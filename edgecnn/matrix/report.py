@@ -293,6 +293,24 @@ def _scorecard_dict(run) -> dict:
             "update": run.scorecard_update}
 
 
+def write_results_doc(run, path: Path) -> Path:
+    """The run's cell table as ``path`` (``docs/results/matrix.md`` from ``make matrix``), with what it was
+    measured at, so the supported-matrix table in the docs is the one this run measured."""
+    from ..versions import provenance
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join([
+        "# Supported matrix, measured", "",
+        f"Measured by `edgecnn matrix` — {provenance()}. Written by the matrix run; do not edit by hand.", "",
+        f"**{run.summary_line()}**", "", *[f"- {ln}" for ln in _legend_lines(run)], "", markdown_table(run.results),
+        ""])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def _machine_line(info: dict) -> str:
     m = info["machine"]
     return (f"{m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical cores, {m.get('memory_gb', '?')} GB RAM, "

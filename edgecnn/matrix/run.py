@@ -43,6 +43,7 @@ class MatrixConfig:
     report_dir: Optional[str] = "reports"       # a matrix-<time>/ folder is made inside; None = no report
     scorecard: Optional[str] = "benchmarks/scorecard.json"   # None = do not compare
     update_scorecard: bool = False
+    results_doc: Optional[str] = None           # also write the cell table there (docs/results/matrix.md)
     sensitivity_arch: Optional[str] = None
     quiet: bool = False
 
@@ -204,6 +205,10 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
 
         run.report = report.write(run, run_dir, run_info(run))
         _point_latest(run_dir)
+    if cfg.results_doc and not interrupted:
+        from . import report
+
+        run.report["results_doc"] = str(report.write_results_doc(run, Path(cfg.results_doc)))
     if interrupted:
         raise Interrupted("the matrix was interrupted" + (f"; partial report in {run_dir}" if run_dir else ""),
                           hint="run it again: finished cells are reused")

@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from calibration import CalibrationError
+
 from .. import parity
 from ..errors import ExportError
 from . import fallback as fb
@@ -117,9 +119,8 @@ def search_data(calib, options: Int8Options, max_probe: Optional[int] = None) ->
         if probe_set.calib_items and next(fit.iter_batches("calib", batch_size=1), None) is not None:
             try:
                 return SearchData(fit, probe_set.array("calib"), True)
-            except Exception as exc:   # CalibrationError: every probe image unreadable
-                if type(exc).__name__ != "CalibrationError":
-                    raise
+            except CalibrationError:   # every probe image unreadable: probe undivided
+                pass
     return SearchData(calib, calib.array("calib", limit=limit), False)
 
 
