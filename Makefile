@@ -11,6 +11,7 @@ TARGET ?= onnx
 PRECISION ?=
 WEIGHTS ?= auto
 CALIB ?=
+EVAL ?=
 OUT ?= artefacts
 DIR ?=
 EXTRA ?=
@@ -28,7 +29,7 @@ RESULTS_DOC ?= $(if $(strip $(ARCHS)$(TARGETS)$(PRECISIONS)),,docs/results/matri
 .PHONY: help install export validate verify list matrix test test-all bench clean data
 
 help:
-	@echo "make export ARCH=mobilenet_v3 TARGET=onnx|trt|coreml PRECISION=fp32|fp16|int8 [CALIB=<folder>] [WEIGHTS=auto|imagenet|none|<file>] [OUT=artefacts]"
+	@echo "make export ARCH=mobilenet_v3 TARGET=onnx|trt|coreml PRECISION=fp32|fp16|int8 [CALIB=<images>] [EVAL=<images>] [WEIGHTS=auto|imagenet|none|<file>] [OUT=artefacts]"
 	@echo "make validate DIR=<artefact folder>   make verify DIR=<artefact folder>   make list"
 	@echo "make matrix [ARCHS=...] [TARGETS=...] [PRECISIONS=...] [WEIGHTS=auto] [JOBS=n] [EXTRA=--update-scorecard]"
 	@echo "make test (default suite)   make test-all (adds slow cases)   make bench   make clean"
@@ -59,12 +60,13 @@ install: $(STAMP)
 # so ARCH='x";rm -rf ~;"' or ARCH='`cmd`' reach edgecnn as a (wrong) name instead of running. EXTRA stays
 # shell text on purpose: it is extra options. `unexport`: make would otherwise expand a command-line value
 # such as ARCH='$(shell cmd)' when putting it in the recipe's environment.
-unexport ARCH TARGET PRECISION WEIGHTS CALIB OUT DIR
+unexport ARCH TARGET PRECISION WEIGHTS CALIB EVAL OUT DIR
 q = '$(subst ','\'',$(value $(1)))'
 
 export: $(STAMP)
 	$(PY) -m edgecnn export $(call q,ARCH) --target $(call q,TARGET) $(if $(value PRECISION),--precision $(call q,PRECISION)) \
-		--weights $(call q,WEIGHTS) $(if $(value CALIB),--calib $(call q,CALIB)) --out $(call q,OUT) $(EXTRA)
+		--weights $(call q,WEIGHTS) $(if $(value CALIB),--calib $(call q,CALIB)) $(if $(value EVAL),--eval $(call q,EVAL)) \
+		--out $(call q,OUT) $(EXTRA)
 
 validate: $(STAMP)
 	@test -n $(call q,DIR) || { echo "usage: make validate DIR=artefacts/<arch>/<target>-<precision>"; exit 2; }
@@ -81,6 +83,7 @@ list: $(STAMP)
 matrix: $(STAMP)
 	$(PY) -m edgecnn matrix $(if $(strip $(ARCHS)),--archs $(ARCHS)) $(if $(strip $(TARGETS)),--targets $(TARGETS)) \
 		$(if $(strip $(PRECISIONS)),--precisions $(PRECISIONS)) --weights "$(WEIGHTS)" $(if $(CALIB),--calib "$(CALIB)") \
+		$(if $(EVAL),--eval "$(EVAL)") \
 		--out "$(OUT)" --report-dir "$(REPORTS)" --scorecard "$(SCORECARD)" $(if $(JOBS),--jobs $(JOBS)) \
 		$(if $(RESULTS_DOC),--results-doc "$(RESULTS_DOC)") $(EXTRA)
 

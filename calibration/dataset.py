@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import BadImageError, CalibrationError
+from .imagefolder import labelled_items
 from .images import preprocess_pil, to_pixels
 from .sources import Item, items_from_path, sample_photo_items
 from .spec import InputSpec
@@ -51,6 +52,7 @@ class CalibrationSet:
     source: str
     calib_items: List[Item]
     eval_items: List[Item]
+    eval_source: Optional[str] = None     # the user's own evaluation set; None: the held-out split of ``source``
     seed: int = 0
     strict: bool = False
     cache_dir: Optional[Path] = None
@@ -60,18 +62,24 @@ class CalibrationSet:
     @classmethod
     def create(cls, source: Union[str, os.PathLike, None], spec: InputSpec, *, calib_size: int = DEFAULT_CALIB_SIZE,
                eval_size: int = DEFAULT_EVAL_SIZE, eval_fraction: float = 0.5, seed: int = 0, strict: bool = False,
-               cache: bool = True, cache_dir: Optional[Union[str, Path]] = None) -> "CalibrationSet":
-        if source is None or str(source) == SAMPLE_PHOTOS:
-            items, name = sample_photo_items(), SAMPLE_PHOTOS
+               cache: bool = True, cache_dir: Optional[Union[str, Path]] = None,
+               eval_source: Union[str, os.PathLike, None] = None,
+               class_names: Optional[Sequence[str]] = None) -> "CalibrationSet":
+        """``eval_source``: the user's own evaluation images (a folder, an ImageFolder tree of class folders,
+        a .txt list, an .npy/.npz with ``labels``); all of ``source`` then calibrates, and no image of the
+        evaluation set is calibrated on. ``class_names``: the model's labels, to read ImageFolder trees."""
+        items, name = _items_of(source, spec, class_names, strict_labels=False)
+        if eval_source is None:
+            calib, evals = split_items(items, calib_size=calib_size, eval_size=eval_size,
+                                       eval_fraction=eval_fraction, seed=seed)
         else:
-            items, name = items_from_path(source, spec.shape), os.fspath(source)
-        if not items:
-            raise CalibrationError(f"no images found in {name}",
-                                   hint="supported: " + ", ".join(e.lstrip('.') for e in (
-                                       ".jpg", ".png", ".webp", ".bmp", ".tiff", ".gif")) + ", or .npy/.npz arrays",
-                                   path=name)
-        calib, evals = split_items(items, calib_size=calib_size, eval_size=eval_size,
-                                   eval_fraction=eval_fraction, seed=seed)
+            evals_all, eval_name = _items_of(eval_source, spec, class_names, strict_labels=True)
+            evals = sample_items(evals_all, eval_size, seed)
+            seen = {it.content_key for it in evals}
+            calib = sample_items([it for it in items if it.content_key not in seen], calib_size, seed)
+            if len(calib) < min(len(items), calib_size or len(items)):
+                log.warning("%d image(s) of %s are also in the evaluation set %s: not calibrated on",
+                            len([it for it in items if it.content_key in seen]), name, eval_name)
         if calib_size and len(calib) < calib_size and name != SAMPLE_PHOTOS:
             if strict:  # --strict-calib: a smaller set than asked is an error, not a warning
                 raise CalibrationError(f"calibration set smaller than asked: {len(calib)} of {calib_size} images "
@@ -81,7 +89,8 @@ class CalibrationSet:
                         "for evaluation)", len(calib), calib_size, name)
         cdir = Path(cache_dir) if cache_dir else (default_cache_dir() / "calib" if cache else None)
         made = cls(spec=spec, source=name, calib_items=calib, eval_items=evals, seed=seed, strict=strict,
-                   cache_dir=cdir if cache else None)
+                   cache_dir=cdir if cache else None,
+                   eval_source=None if eval_source is None else os.fspath(eval_source))
         if strict:
             made.check_readable()
         return made
@@ -215,6 +224,7 @@ class CalibrationSet:
     def describe(self) -> dict:
         return {
             "source": self.source,
+            "evaluation_source": self.eval_source or f"the held-out split of {self.source}",
             "calibration_images": len(self.calib_items),
             "evaluation_images": len(self.eval_items),
             "calibration_groups": len({i.group for i in self.calib_items}),
@@ -223,8 +233,35 @@ class CalibrationSet:
             "labelled": self.labels("eval") is not None,
             "fingerprint": self.fingerprint(),
             "skipped": list(self.skipped),
-            "split": "by group (a photo and its crops, or one file): evaluation never sees a calibration image",
+            "split": ("the evaluation set is the user's own; none of its images is calibrated on" if self.eval_source
+                      else "by group (a photo and its crops, or one file): evaluation never sees a calibration image"),
         }
+
+
+def _items_of(source, spec: InputSpec, class_names, *, strict_labels: bool) -> tuple:
+    """(items, name) of a source; a folder laid out as an ImageFolder tree of ``class_names`` is labelled."""
+    if source is None or str(source) == SAMPLE_PHOTOS:
+        items, name = sample_photo_items(), SAMPLE_PHOTOS
+    else:
+        name = os.fspath(source)
+        items = labelled_items(name, class_names, strict=strict_labels) if class_names and os.path.isdir(name) else None
+        if items is None:
+            items = items_from_path(source, spec.shape)
+    if not items:
+        raise CalibrationError(f"no images found in {name}",
+                               hint="supported: " + ", ".join(e.lstrip('.') for e in (
+                                   ".jpg", ".png", ".webp", ".bmp", ".tiff", ".gif")) + ", or .npy/.npz arrays",
+                               path=name)
+    return items, name
+
+
+def sample_items(items: Sequence[Item], n: int, seed: int) -> List[Item]:
+    """Up to ``n`` items (all when ``n`` is 0), seeded, spread evenly over classes when labelled (over groups
+    otherwise), so a small evaluation sample of a large labelled set still covers every class."""
+    groups: dict = {}
+    for it in items:
+        groups.setdefault(str(it.label) if it.label is not None else it.group, []).append(it)
+    return _round_robin(groups, sorted(groups), n, random.Random(seed))
 
 
 def split_items(items: Sequence[Item], *, calib_size: int, eval_size: int, eval_fraction: float = 0.5,

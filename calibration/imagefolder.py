@@ -1,9 +1,9 @@
 """Labelled image folders in the ImageFolder layout: one sub-folder per class, images inside.
 
 A folder name is matched to the model's labels exactly, then ignoring case and the difference between
-spaces, underscores and hyphens ("tabby_cat" is "tabby cat"), then as a class index ("281"). A folder that
-matches no label is an error naming it and the closest labels: a mislabelled evaluation set must not
-silently score as garbage.
+spaces, underscores, hyphens and slashes ("tabby_cat" is "tabby cat", "T-shirt_top" is "T-shirt/top"), then
+as a class index ("281"). A folder that matches no label is an error naming it and the closest labels: a
+mislabelled evaluation set must not silently score as garbage.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .sources import Item, folder_items
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+    return re.sub(r"[\s_\-/]+", " ", name.strip().lower())
 
 
 def class_folders(folder: str) -> List[str]:

@@ -65,8 +65,12 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
            out: str | os.PathLike = "artefacts", *, num_classes: Optional[int] = None, labels_file: Optional[str] = None,
            trust_checkpoint: bool = False, options: Optional[ExportOptions] = None, strict_calib: bool = False,
            lock_timeout: float = 600.0, quiet: bool = False, input_spec: Optional[InputSpec] = None,
-           timing_dir: Optional[str | os.PathLike] = None) -> ExportResult:
+           eval_set: Optional[str | os.PathLike] = None, timing_dir: Optional[str | os.PathLike] = None) -> ExportResult:
     """Export ``arch`` to ``target`` at ``precision``, validate it, and write the artefact bundle.
+
+    ``eval_set``: the images parity and the INT8 gate are judged on (a folder, an ImageFolder tree of class
+    folders named after the labels, a .txt list, or an .npy/.npz, labelled with ``labels``); the calibration
+    and the INT8 fallback never see them. Default: the held-out split of ``calib``.
 
     ``timing_dir``: defer the latency measurement (the matrix times its cells afterwards, one after another,
     with ``time_bundle``); what the timing needs besides the bundle is left there.
@@ -90,7 +94,7 @@ def export(arch: str, target: str = "onnx", precision: str = "fp32", weights: st
     labels = _labels(entry, winfo.num_classes, labels_file)
     spec = entry.spec if input_spec is None else _check_spec(entry, model, input_spec)
     say("preparing calibration and held-out evaluation images")
-    images = _images(calib, spec, options, strict_calib, model, winfo, say)
+    images = _images(calib, eval_set, spec, labels, options, strict_calib, model, winfo, say)
     say(f"PyTorch FP32 reference on {len(images.eval_inputs)} held-out images")
     reference = torch_reference(model, images.eval_inputs)
     if not np.isfinite(reference).all():
@@ -132,12 +136,13 @@ def _build(tgt, ctx: BuildContext, staging: Path) -> BuildOutput:
         raise InputError(str(exc), hint=exc.hint) from None
 
 
-def _images(calib, spec: InputSpec, options: ExportOptions, strict: bool, model, winfo, say) -> _Images:
-    """The calibration set with its held-out split (inputs and, for a labelled source, labels); random-init
+def _images(calib, eval_set, spec: InputSpec, labels: list, options: ExportOptions, strict: bool, model, winfo,
+            say) -> _Images:
+    """The calibration set with its evaluation split (inputs and, for a labelled source, labels); random-init
     models get their BatchNorm statistics re-estimated on the calibration split."""
     try:
         calib_set = CalibrationSet.create(calib, spec, calib_size=options.calib_size, eval_size=options.eval_size,
-                                          seed=options.seed, strict=strict)
+                                          seed=options.seed, strict=strict, eval_source=eval_set, class_names=labels)
         if not calib_set.eval_items:
             raise CalibrationError(f"{calib_set.source}: too few images to hold any out for evaluation",
                                    hint="use a folder with at least two images", path=calib_set.source)
@@ -182,7 +187,7 @@ def _parity_and_latency(runner, ctx: BuildContext, manifest: Manifest, built: Bu
     runtime = runner.describe().get("runtime")
     ctx.say(f"validating on {runtime}: parity on {len(ctx.eval_inputs)} held-out images")
     parity = check_parity(runner, ctx.eval_inputs, ctx.reference, ctx.precision, trained=ctx.trained,
-                          labels=eval_labels, min_agreement=ctx.options.int8.min_agreement,
+                          labels=eval_labels, gate=ctx.options.int8.gate(),
                           noise_floor=lambda idx: fp64_outputs(model, ctx.eval_inputs, idx))
     manifest.parity = {**parity.to_dict(), "runtime": runtime}
     manifest.status = "validated" if parity.passed else "failed"

@@ -76,11 +76,11 @@ def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, space):
     _, fp32, _, _, x, _ = prepared
     recipe, base, sp = space
     probe, ref = x[:16], run(fp32, x[:16])
-    plain = fallback.fallback(sp, probe, ref, bar=fallback.Bar(min_agreement=0.0))
+    plain = fallback.fallback(sp, probe, ref, bar=fallback.Bar(max_drop=None))
     assert plain.passed and plain.excluded == base and not plain.sensitivity  # nothing to do: no search
     target = plain.before.sqnr_db + 0.5   # a bar the defaults miss: forces the sensitivity search
-    res = fallback.fallback(sp, probe, ref, bar=fallback.Bar(min_agreement=0.0, min_sqnr_db=target),
-                            settings=fallback.Settings(max_float_fraction=1.0, agreement_phase=False))
+    res = fallback.fallback(sp, probe, ref, bar=fallback.Bar(max_drop=None, min_sqnr_db=target),
+                            settings=fallback.Settings(max_float_fraction=1.0, batch_phase=False))
     assert len(res.sensitivity) == len([c for c in sp.candidates if c not in base])
     assert res.sensitivity[0]["sqnr_db"] >= res.sensitivity[-1]["sqnr_db"]
     assert res.steps, "the loop tried fallback counts"
@@ -94,13 +94,13 @@ def test_fallback_keeps_the_fewest_sensitive_layers_float(prepared, space):
     got = parity.compare(ref, run(recipe.out, probe))   # the written model is the one measured
     assert got.sqnr_db == pytest.approx(res.after.sqnr_db, abs=1e-3)
     d = res.to_dict()
-    assert d["agreement_before"]["samples"] == 16 and "layers_float" in d
+    assert d["before"]["samples"] == 16 and "layers_float" in d
 
 
 def test_fallback_gives_up_at_the_budget(prepared, space):
     _, fp32, _, _, x, _ = prepared
     _, _, sp = space
-    res = fallback.fallback(sp, x[:8], run(fp32, x[:8]), bar=fallback.Bar(min_agreement=0.0, min_sqnr_db=500.0),
+    res = fallback.fallback(sp, x[:8], run(fp32, x[:8]), bar=fallback.Bar(max_drop=None, min_sqnr_db=500.0),
                             settings=fallback.Settings(max_float_fraction=0.5))
     assert not res.passed
     kept = [n for s in res.steps if s["kept"] for n in ([s["layer"]] if s["phase"] == "sqnr" else s["layers"])]

@@ -43,6 +43,10 @@ def _add_export(sub) -> None:
     p.add_argument("--weights", "-w", default="auto", help="auto | imagenet | none | <checkpoint path> (default auto)")
     p.add_argument("--calib", default=None, help="calibration images: a folder, a .txt list or an .npy/.npz "
                                                   "(default: the bundled sample photos)")
+    p.add_argument("--eval", default=None, metavar="DIR|LIST.txt|ARRAY.npz",
+                   help="evaluation images of your own, never calibrated on: a folder, an ImageFolder tree (one "
+                        "folder per class, named after the labels: the INT8 gate then measures the accuracy drop), "
+                        "a .txt list or an .npz with labels (default: the held-out split of --calib)")
     p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
     p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image, or on a "
                    "calibration set smaller than --calib-size, instead of warning")
@@ -100,7 +104,7 @@ def _cmd_export(args) -> int:
     result = export(args.arch, args.target, precision, args.weights, args.calib, args.out, num_classes=args.num_classes,
                     labels_file=args.labels, trust_checkpoint=args.trust_checkpoint, options=options_from_args(args),
                     strict_calib=args.strict_calib, lock_timeout=args.lock_timeout, quiet=args.quiet,
-                    input_spec=_input_override(args))
+                    input_spec=_input_override(args), eval_set=args.eval)
     print(json.dumps(result.manifest, indent=2) if args.json else result.summary())
     return 0
 

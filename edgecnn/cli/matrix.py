@@ -26,6 +26,7 @@ def register(sub) -> dict:
                    help=f"precisions (default: {', '.join(DEFAULT_PRECISIONS)})")
     p.add_argument("--weights", "-w", default="auto", help="auto | imagenet | none | <checkpoint> (default auto)")
     p.add_argument("--calib", default=None, help="calibration images (default: the bundled sample photos)")
+    p.add_argument("--eval", default=None, help="evaluation images of your own (see `edgecnn export --help`)")
     p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
     p.add_argument("--report-dir", default="reports",
                    help="where the run's report folder (matrix-<time>/) goes (default ./reports; 'latest' links it)")
@@ -65,6 +66,7 @@ def _cmd_matrix(args) -> int:
         raise UsageError("--update-scorecard and --no-scorecard contradict each other")
     cfg = MatrixConfig(archs=args.archs or DEFAULT_ARCHS, targets=args.targets or DEFAULT_TARGETS,
                        precisions=args.precisions or DEFAULT_PRECISIONS, weights=args.weights, calib=args.calib,
+                       eval_set=args.eval,
                        out=args.out, options=options, strict_calib=args.strict_calib, jobs=args.jobs,
                        mem_budget_mb=args.mem_budget_gb * 1024 if args.mem_budget_gb else None,
                        cell_timeout=args.cell_timeout, force=args.force, retry_failed=args.retry_failed,

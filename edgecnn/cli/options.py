@@ -33,6 +33,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def points(text: str) -> float:
+    """argparse type: percentage points in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not (0.0 <= value <= 100.0):   # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be percentage points between 0 and 100, not {text}")
+    return value
+
+
 def opset(text: str) -> int:
     """argparse type: an ONNX opset the installed onnx knows (7 is the oldest any exporter writes)."""
     value = count(7)(text)
@@ -60,8 +71,12 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count(1), default=d.threads,
                    help=f"threads for latency measurement (default {d.threads})")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--int8-min-agreement", type=fraction, default=d.int8.min_agreement,
-                   help=f"INT8 gate: top-1 agreement with FP32 on held-out images (default {d.int8.min_agreement})")
+    p.add_argument("--int8-max-drop", type=points, default=d.int8.max_drop, metavar="POINTS",
+                   help=f"INT8 gate on trained weights: the most top-1 accuracy INT8 may lose, in percentage points, "
+                        f"measured with labels or estimated from FP32's confidence without (default {d.int8.max_drop})")
+    p.add_argument("--int8-min-agreement", type=fraction, default=d.int8.min_agreement, metavar="FRACTION",
+                   help="opt-in stricter INT8 gate: top-1 agreement with FP32 on held-out images, e.g. 0.99 "
+                        "(default: none, agreement is reported as a diagnostic)")
     p.add_argument("--calib-method", default=d.int8.ranges, choices=("minmax", "percentile", "entropy", "mse"),
                    help=f"INT8 activation range estimation (default {d.int8.ranges}; cached per model and images)")
     p.add_argument("--no-int8-fallback", action="store_true",
@@ -81,6 +96,7 @@ def options_from_args(args) -> ExportOptions:
                             seed=args.seed, calib_size=args.calib_size, eval_size=args.eval_size,
                             threads=args.threads, latency=not args.no_latency)
     options.int8.min_agreement = args.int8_min_agreement
+    options.int8.max_drop = args.int8_max_drop
     options.int8.ranges = args.calib_method
     options.int8.fallback = not args.no_int8_fallback
     options.int8.weight_rounding = args.weight_rounding

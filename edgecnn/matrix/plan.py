@@ -180,19 +180,20 @@ class CalibrationFingerprints:
     """The calibration/evaluation set fingerprint per input spec (the same images preprocessed for
     224 px and 28 px models are different sets), computed once per spec."""
 
-    def __init__(self, calib: Optional[str], options: ExportOptions, strict: bool = False):
-        self.calib, self.options, self.strict = calib, options, strict
+    def __init__(self, calib: Optional[str], options: ExportOptions, strict: bool = False,
+                 eval_set: Optional[str] = None):
+        self.calib, self.options, self.strict, self.eval_set = calib, options, strict, eval_set
         self._cache: Dict[str, str] = {}
 
-    def __call__(self, spec) -> str:
+    def __call__(self, spec, class_names=None) -> str:
         from calibration import CalibrationError, CalibrationSet
 
-        k = json.dumps(spec.to_dict(), sort_keys=True)
+        k = json.dumps([spec.to_dict(), list(class_names or [])], sort_keys=True)
         if k not in self._cache:
             try:
                 cs = CalibrationSet.create(self.calib, spec, calib_size=self.options.calib_size,
                                            eval_size=self.options.eval_size, seed=self.options.seed,
-                                           strict=self.strict)
+                                           strict=self.strict, eval_source=self.eval_set, class_names=class_names)
             except CalibrationError as exc:
                 raise InputError(str(exc), hint=exc.hint) from None
             self._cache[k] = cs.fingerprint()
@@ -205,7 +206,7 @@ def input_key(cell: Cell, *, weights: str, calib_fp: CalibrationFingerprints, op
     return {
         "arch": cell.arch, "target": cell.target, "precision": cell.precision,
         "weights": weights_identity(entry, weights),
-        "calibration": calib_fp(entry.spec),
+        "calibration": calib_fp(entry.spec, zoo.labels_for(entry)),
         "options": _jsonable(asdict(options)),
         "export_args": _jsonable(extra or {}),
         "edgecnn_version": edgecnn_version(),

@@ -31,6 +31,7 @@ class MatrixConfig:
     precisions: Sequence[str] = plan_mod.DEFAULT_PRECISIONS
     weights: str = "auto"
     calib: Optional[str] = None
+    eval_set: Optional[str] = None              # evaluation images of the user's own (default: held out of calib)
     out: str = "artefacts"
     options: ExportOptions = field(default_factory=ExportOptions)
     strict_calib: bool = False
@@ -109,8 +110,9 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
         sc.load(Path(cfg.scorecard))        # a broken scorecard fails now, not after an hour of exports
 
     # input keys (may fail for the whole run: an unusable calibration set is everyone's problem)
-    calib_fp = plan_mod.CalibrationFingerprints(cfg.calib, cfg.options, cfg.strict_calib)
-    export_args = {"strict_calib": cfg.strict_calib, "calib": str(cfg.calib) if cfg.calib else None}
+    calib_fp = plan_mod.CalibrationFingerprints(cfg.calib, cfg.options, cfg.strict_calib, cfg.eval_set)
+    export_args = {"strict_calib": cfg.strict_calib, "calib": str(cfg.calib) if cfg.calib else None,
+                   "eval": str(cfg.eval_set) if cfg.eval_set else None}
     for cell in cells:
         if cell.error is None:
             cell.key = plan_mod.input_key(cell, weights=cfg.weights, calib_fp=calib_fp, options=cfg.options,
@@ -156,7 +158,8 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
 
         def make_job(cell: Cell, log: Path) -> dict:
             return {"kind": "export", "arch": cell.arch, "target": cell.target, "precision": cell.precision,
-                    "weights": cfg.weights, "calib": cfg.calib, "out": str(out), "options": cfg.options.to_dict(),
+                    "weights": cfg.weights, "calib": cfg.calib, "eval": cfg.eval_set, "out": str(out),
+                    "options": cfg.options.to_dict(),
                     "strict_calib": cfg.strict_calib, "lock_timeout": cfg.lock_timeout,
                     "threads": max(1, plan_mod.default_jobs() // max(1, min(jobs, len(to_run)))),
                     "timing_dir": str(state.timing_dir(out, cell)) if cfg.options.latency else None,

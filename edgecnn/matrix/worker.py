@@ -77,7 +77,8 @@ def _run(job: dict, threads: int) -> dict:
     try:
         result = export(job["arch"], job["target"], job["precision"], job["weights"], job.get("calib"), job["out"],
                         options=options, strict_calib=bool(job.get("strict_calib")),
-                        lock_timeout=float(job.get("lock_timeout", 600.0)), timing_dir=job.get("timing_dir"))
+                        lock_timeout=float(job.get("lock_timeout", 600.0)), timing_dir=job.get("timing_dir"),
+                        eval_set=job.get("eval"))
     except EdgeError as exc:
         print(exc.one_line(), flush=True)
         msg = {"kind": "error", "family": exc.family, "exit_code": exc.exit_code, "reason": _reason(exc)}

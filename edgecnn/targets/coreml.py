@@ -92,7 +92,7 @@ class CoreMLTarget(Target):
         ctx.say(f"checking the tensor variant on {n} held-out images")
         with self._runner(staging / TENSOR_MODEL, ctx.spec, image=False, threads=ctx.options.threads) as runner:
             parity = check_parity(runner, ctx.eval_inputs[:n], ctx.reference[:n], ctx.precision, trained=ctx.trained,
-                                  min_agreement=ctx.options.int8.min_agreement)
+                                  gate=ctx.options.int8.gate())
             variants["tensor"]["parity"] = parity.to_dict()
             variants["tensor"]["validated_by"] = f"edgecnn.targets.coreml at build time ({runner.describe()['runtime']})"
         if parity.passed:

@@ -119,7 +119,7 @@ class TrtTarget(Target):
             ctx.say(f"onnxruntime check of {name} on {len(ctx.eval_inputs)} held-out images (not TensorRT)")
             with OnnxRuntimeRunner(staging / name, threads=ctx.options.threads) as runner:
                 parity = check_parity(runner, ctx.eval_inputs, ctx.reference, precision, trained=ctx.trained,
-                                      min_agreement=ctx.options.int8.min_agreement).to_dict()
+                                      gate=ctx.options.int8.gate()).to_dict()
             checks.append({"name": f"onnxruntime check of {name}" + (" (the Q/DQ model)" if precision == Precision.INT8 else ""),
                            "passed": parity["passed"], "note": ONNXRUNTIME_NOTE,
                            "detail": f"{parity['gate']} | max rel err {parity['max_rel_error']:.2e}, cosine "

@@ -41,13 +41,13 @@ def fp64_outputs(model, inputs: np.ndarray, indices: Sequence[int]) -> np.ndarra
 
 
 def check_parity(runner, inputs: np.ndarray, reference: np.ndarray, precision: str, *, trained: bool,
-                 labels: Optional[Sequence[int]] = None, min_agreement: float = parity.INT8_MIN_AGREEMENT,
+                 labels: Optional[Sequence[int]] = None, gate: Optional[parity.Gate] = None,
                  batch: int = 16, noise_floor=None) -> Parity:
     """Run, compare, gate. ``noise_floor``: a recorded float (bundle validation), or a callable(indices)
     returning FP64 outputs on those samples (export time); used only when an FP32 artefact misses the plain
     1e-4 bar (``exporters.parity.apply_gate``)."""
     outputs = run_batched(runner, inputs, batch)
-    p = parity.apply_gate(parity.compare(reference, outputs, labels=labels), precision, trained, min_agreement)
+    p = parity.apply_gate(parity.compare(reference, outputs, labels=labels), precision, trained, gate)
     if str(precision) == "fp32" and not p.passed and not p.nonfinite and noise_floor is not None:
         if callable(noise_floor):
             per_sample = np.abs(outputs.reshape(len(outputs), -1) - reference.reshape(len(reference), -1)).max(1)
@@ -58,7 +58,7 @@ def check_parity(runner, inputs: np.ndarray, reference: np.ndarray, precision: s
             p.fp32_error_vs_fp64 = float(np.abs(outputs[worst] - exact).max() / scale)
         else:
             p.fp32_noise_floor = float(noise_floor)
-        p = parity.apply_gate(p, precision, trained, min_agreement)
+        p = parity.apply_gate(p, precision, trained, gate)
     return p
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from calibration import InputSpec, normalize
+from exporters.parity import Gate
 
 from ..errors import IntegrityError
 from . import REFERENCE_FILE, check_parity
@@ -25,16 +26,14 @@ def load_reference(root: Path, manifest: dict) -> tuple:
 
 
 def validate_bundle(root: str | Path, manifest: dict, runner, *, latency: bool = True,
-                    min_agreement: Optional[float] = None) -> dict:
+                    gate: Optional[Gate] = None) -> dict:
     """Run ``runner`` (opened on the bundle's model) on the bundled reference inputs, gate, time.
-    ``manifest``: the bundle's verified manifest. Returns a results dict."""
+    ``manifest``: the bundle's verified manifest; ``gate``: default the one the export was judged by."""
     inputs, reference, labels = load_reference(Path(root), manifest)
     recorded = manifest.get("parity") or {}
-    if min_agreement is None:
-        min_agreement = ((manifest.get("recipe") or {}).get("fallback") or {}).get("bar", {}).get("gate_min_agreement") \
-            or 0.99
+    gate = gate or Gate.from_dict((manifest.get("recipe") or {}).get("gate"))
     parity = check_parity(runner, inputs, reference, manifest["precision"], trained=manifest["weights"]["pretrained"],
-                          labels=labels, min_agreement=min_agreement, noise_floor=recorded.get("fp32_noise_floor"))
+                          labels=labels, gate=gate, noise_floor=recorded.get("fp32_noise_floor"))
     result = {"status": "validated" if parity.passed else "failed", "parity": parity.to_dict(),
               "runtime": runner.describe()}
     if latency and parity.passed and runner.latency_reason:

@@ -27,7 +27,7 @@ from .options import Int8Options
 
 RANK_IMAGES = 48              # the per-layer sensitivity ranking uses the first 48 probe images
 RANDOM_SQNR_MARGIN_DB = 2.0   # random init: the probe is not the held-out images, aim a little above the gate
-AGREEMENT_MARGIN = 0.5        # trained weights: aim the probe at gate + this share of (1 - gate)
+PROBE_DROP_SHARE = 0.5        # trained weights: aim the probe's estimated drop at this share of the gate's
 PROBE_FRACTION = 0.5          # of the calibration groups, held out from the search's range fitting as its probe
 EMPIRICAL_BIAS_IMAGES = 128   # calibration images the empirical bias correction measures output means on
 
@@ -125,19 +125,22 @@ def search_data(calib, options: Int8Options, max_probe: Optional[int] = None) ->
 
 
 def bar_for(options: Int8Options, trained: bool) -> fb.Bar:
-    """What the search aims at on its probe: trained weights at the agreement gate plus half the allowed
-    disagreement (99% -> 99.5%: the probe is a few hundred images at most, and a probe one flip short of
-    the gate leaves a model that misses it held-out); random init, whose agreement means nothing, at the
-    SQNR gate plus a margin."""
+    """What the search aims at on its probe: trained weights at the gate's own criterion, the estimated accuracy
+    drop, at half the allowed drop (the probe is a few hundred images at most and not the held-out ones), and
+    at the opt-in agreement gate when one is set; random init, whose accuracy means nothing, at the SQNR gate
+    plus a margin."""
     if trained:
-        return fb.Bar(min_agreement=min(1.0, options.min_agreement + (1.0 - options.min_agreement) * AGREEMENT_MARGIN))
-    return fb.Bar(min_agreement=0.0, min_sqnr_db=parity.INT8_RANDOM_MIN_SQNR_DB + RANDOM_SQNR_MARGIN_DB)
+        gate = options.gate()
+        agree = 0.0 if gate.min_agreement is None else \
+            min(1.0, gate.min_agreement + (1.0 - gate.min_agreement) * PROBE_DROP_SHARE)
+        return fb.Bar(max_drop=gate.max_drop * PROBE_DROP_SHARE, min_agreement=agree)
+    return fb.Bar(max_drop=None, min_sqnr_db=parity.INT8_RANDOM_MIN_SQNR_DB + RANDOM_SQNR_MARGIN_DB)
 
 
 def settings_for(options: Int8Options, floor: float) -> fb.Settings:
     return fb.Settings(run_sensitivity=options.fallback, max_float_fraction=options.max_float_fraction,
                        max_seconds=options.sensitivity_seconds, rank_images=RANK_IMAGES,
-                       agreement_phase=options.agreement_phase, batch=options.fallback_batch, min_speedup=floor)
+                       batch_phase=options.batch_phase, batch=options.fallback_batch, min_speedup=floor)
 
 
 @dataclass
@@ -154,6 +157,7 @@ class Int8Record:
     fallback: dict = field(default_factory=dict)           # see ``fallback_record``
     quantizer: dict = field(default_factory=dict)          # the recipe's own account of the written model
     report: dict = field(default_factory=dict)             # INT8 kernels / checker statistics of the written model
+    gate: dict = field(default_factory=dict)               # the gate it is judged by (``exporters.parity.Gate``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,14 +169,12 @@ def fallback_record(result: fb.FallbackResult, bar: fb.Bar, options: Int8Options
     return {"enabled": options.fallback, "layers_float": dict(result.excluded),
             "before": fb.probe_record(result.before), "after": fb.probe_record(result.after),
             "passed_on_probe": result.passed, "after_sqnr_phase": result.sqnr_phase or None,
-            "bar": {"min_agreement": bar.min_agreement if trained else None,
-                    "gate_min_agreement": options.min_agreement if trained else None,
-                    "min_sqnr_db": None if trained else bar.min_sqnr_db},
+            "bar": bar.to_dict(),
             "probe": data.describe(), "budget_layers": result.budget_layers,
             "max_float_fraction": options.max_float_fraction, "min_speedup": floor, "stopped": result.stopped,
             "candidates": result.candidates, "sensitivity_top": result.sensitivity[:15], "steps": result.steps,
             "seconds": round(result.seconds, 1),
-            "note": None if trained else "random-init weights: agreement is not meaningful; the search aims at "
+            "note": None if trained else "random-init weights: accuracy is not meaningful; the search aims at "
                                          "the SQNR gate instead"}
 
 
@@ -250,7 +252,7 @@ def quantize(recipe: Recipe, calib, *, options: Int8Options, trained: bool,
         if p.corrected else None,
         empirical_bias_correction=empirical.to_dict() if empirical is not None else None,
         fallback=fallback_record(result, bar, options, data, trained, floor),
-        quantizer=dict(result.info), report=recipe.report())
+        quantizer=dict(result.info), report=recipe.report(), gate=options.gate().to_dict())
     return Int8Result(record, list(result.excluded), list(base), ranges)
 
 

@@ -4,16 +4,19 @@ The search space is a ``Space``: the layers a recipe may keep float, and a way t
 model quantized with a given set of them float. Ranges are computed once (cached), so asking "what if this
 layer stayed float?" costs one re-quantization, and this module can ask it for every layer:
 
+The bar is the gate's own criterion, on the probe: the accuracy drop estimated from FP32's confidence
+(``exporters.parity``; the probe comes from the calibration split and has no labels to spare), plus the
+logit SQNR for random-init nets, whose accuracy means nothing.
+
 1. quantize with the recipe's default float layers; measure against FP32 on the probe images;
 2. if the bar is not met: sensitivity = each candidate layer float on its own, measured by the logit SQNR
-   on the first ``rank_images`` probe images (continuous: top-1 flips on a few dozen images are too coarse
-   to rank layers);
+   on the first ``rank_images`` probe images (continuous, and cheap to rank by);
 3. SQNR phase: greedily, most sensitive first, keep a layer float when that raises the probe SQNR by at
-   least ``min_gain_db`` (and does not lower the agreement) on top of the layers already kept, until the
-   bar holds or ``max_float_fraction`` of the candidates is float;
-4. agreement phase: a net whose error is spread thin has no single layer worth ``min_gain_db`` although
-   together they move the agreement, so while the bar is missed the next-ranked layers are added
-   ``batch`` at a time, a batch kept when the probe agreement (or, at equal agreement, SQNR) improves.
+   least ``min_gain_db`` (and does not raise the estimated drop) on top of the layers already kept, until
+   the bar holds or ``max_float_fraction`` of the candidates is float;
+4. batch phase: a net whose error is spread thin has no single layer worth ``min_gain_db`` although
+   together they move the drop, so while the bar is missed the next-ranked layers are added ``batch`` at
+   a time, a batch kept when the probe's estimated drop (or, at an equal drop, its SQNR) improves.
 
 An optional speed floor stops the search before float layers make INT8 slower than ``min_speedup`` x FP32.
 Probe images must come from the calibration split, so that the held-out split stays unseen and the
@@ -32,16 +35,26 @@ from .. import parity
 
 @dataclass
 class Bar:
-    """What the probe must reach: top-1 agreement, mean cosine and logit SQNR (the bar of random-init nets,
-    whose agreement means nothing)."""
+    """What the probe must reach: an estimated accuracy drop (a fraction; None: not judged), top-1 agreement,
+    mean cosine and logit SQNR (the bar of random-init nets, whose accuracy means nothing)."""
 
-    min_agreement: float = 0.99
+    max_drop: Optional[float] = 0.005
+    min_agreement: float = 0.0
     min_cosine: float = 0.0
     min_sqnr_db: float = -999.0
 
     def met(self, p: parity.Parity) -> bool:
-        return bool(p.top1_agreement >= self.min_agreement and p.cosine >= self.min_cosine
+        drop_ok = self.max_drop is None or (p.estimated_drop is not None and p.estimated_drop <= self.max_drop)
+        return bool(drop_ok and p.top1_agreement >= self.min_agreement and p.cosine >= self.min_cosine
                     and p.sqnr_db >= self.min_sqnr_db)
+
+    def to_dict(self) -> dict:
+        return {"max_estimated_drop": self.max_drop, "min_agreement": self.min_agreement or None,
+                "min_sqnr_db": self.min_sqnr_db if self.min_sqnr_db > -999.0 else None}
+
+
+def _drop(p: parity.Parity) -> float:
+    return p.estimated_drop if p.estimated_drop is not None else 0.0
 
 
 @dataclass
@@ -53,7 +66,7 @@ class Settings:
     max_seconds: float = 240.0
     min_gain_db: float = 0.25
     rank_images: Optional[int] = None
-    agreement_phase: bool = True
+    batch_phase: bool = True
     batch: int = 4
     min_speedup: float = 0.0
 
@@ -81,9 +94,9 @@ class Space:
 
 def probe_record(p: parity.Parity) -> dict:
     """The figures of one probe measurement, as the manifest's fallback record keeps them."""
-    return {"samples": p.samples, "top1_agreement": round(p.top1_agreement, 5),
-            "ref_top1_in_top5": round(p.ref_top1_in_top5, 5), "cosine": round(p.cosine, 5),
-            "sqnr_db": round(p.sqnr_db, 5), "flips_near_tie": p.flips_near_tie}
+    return {"samples": p.samples, "estimated_drop": None if p.estimated_drop is None else round(p.estimated_drop, 5),
+            "top1_agreement": round(p.top1_agreement, 5), "ref_top1_in_top5": round(p.ref_top1_in_top5, 5),
+            "cosine": round(p.cosine, 5), "sqnr_db": round(p.sqnr_db, 5), "flips_near_tie": p.flips_near_tie}
 
 
 @dataclass
@@ -97,13 +110,13 @@ class FallbackResult:
     candidates: int = 0
     seconds: float = 0.0
     info: dict = field(default_factory=dict)                # the recipe's info for the written model
-    sqnr_phase: dict = field(default_factory=dict)          # {layers_float, agreement} after the SQNR phase
+    sqnr_phase: dict = field(default_factory=dict)          # {layers_float, probe} after the SQNR phase
     budget_layers: int = 0                                  # most layers the fallback may keep float
     stopped: Optional[str] = None                           # why the search stopped short of the bar
 
     def to_dict(self) -> dict:
-        return {"layers_float": self.excluded, "agreement_before": probe_record(self.before),
-                "agreement_after": probe_record(self.after), "passed_on_probe": self.passed,
+        return {"layers_float": self.excluded, "before": probe_record(self.before),
+                "after": probe_record(self.after), "passed_on_probe": self.passed,
                 "after_sqnr_phase": self.sqnr_phase or None, "budget_layers": self.budget_layers,
                 "stopped": self.stopped, "sensitivity_top": self.sensitivity[:15], "steps": self.steps,
                 "candidates": self.candidates, "seconds": round(self.seconds, 1)}
@@ -151,7 +164,7 @@ def fallback(space: Space, probe: np.ndarray, reference: np.ndarray, *, bar: Bar
     if result.passed or not candidates or not settings.run_sensitivity:
         result.seconds = time.perf_counter() - t0
         return result
-    say(f"INT8 on {len(probe)} probe images: agreement {before.top1_agreement:.1%}, SQNR {before.sqnr_db:.1f} dB, "
+    say(f"INT8 on {len(probe)} probe images: estimated drop {_drop(before):.2%}, SQNR {before.sqnr_db:.1f} dB, "
         f"below the bar: per-layer sensitivity over {len(candidates)} layers ({n_rank} images)")
     search = _Search(space, probe, reference, bar, settings, say, n_rank, result, base)
     rows = _sensitivity(search, candidates)
@@ -163,9 +176,9 @@ def fallback(space: Space, probe: np.ndarray, reference: np.ndarray, *, bar: Bar
     limit = min(len(ranked), max(1, int(len(candidates) * settings.max_float_fraction)))
     rank_before = parity.compare(reference[:n_rank], out_before[:n_rank])
     best = _sqnr_phase(search, rows, rank_before, limit)
-    result.sqnr_phase = {"layers_float": len(search.chosen), "agreement": probe_record(best)}
-    if settings.agreement_phase and result.stopped is None and not bar.met(best):
-        best = _agreement_phase(search, ranked, best, limit)
+    result.sqnr_phase = {"layers_float": len(search.chosen), "probe": probe_record(best)}
+    if settings.batch_phase and result.stopped is None and not bar.met(best):
+        best = _batch_phase(search, ranked, best, limit)
     result.excluded.update({n: search.why[n] for n in search.chosen})
     result.budget_layers = limit
     result.info = space.write(list(result.excluded))
@@ -216,7 +229,7 @@ def _sqnr_phase(search: _Search, rows: List[dict], rank_before: parity.Parity, l
             break
         trial = search.base + search.chosen + [node]
         m = search.measure(trial, ranked_only=True)
-        kept = m.sqnr_db > best_rank.sqnr_db + s.min_gain_db and m.top1_agreement >= best_rank.top1_agreement - 1e-9
+        kept = m.sqnr_db > best_rank.sqnr_db + s.min_gain_db and _drop(m) <= _drop(best_rank) + 1e-9
         speed = search.space.speedup(trial) if kept else None
         too_slow = speed is not None and speed < s.min_speedup
         kept = kept and not too_slow
@@ -227,7 +240,7 @@ def _sqnr_phase(search: _Search, rows: List[dict], rank_before: parity.Parity, l
             search.say(f"fallback: {node} float would leave INT8 {speed:.2f}x FP32 (floor {s.min_speedup:.2f}x): stop")
             result.stopped = "speed floor"
             break
-        search.say(f"fallback: {node} float -> agreement {m.top1_agreement:.1%}, SQNR {m.sqnr_db:.1f} dB "
+        search.say(f"fallback: {node} float -> estimated drop {_drop(m):.2%}, SQNR {m.sqnr_db:.1f} dB "
                    f"({'kept' if kept else 'no gain, stays INT8'})")
         if kept:
             search.chosen.append(node)
@@ -241,33 +254,32 @@ def _sqnr_phase(search: _Search, rows: List[dict], rank_before: parity.Parity, l
     return search.measure(search.base + search.chosen, ranked_only=False)
 
 
-def _agreement_phase(search: _Search, ranked: List[str], best: parity.Parity, limit: int) -> parity.Parity:
-    """Add the next-ranked layers ``batch`` at a time while the bar is missed; keep a batch when the probe
-    agreement, or at equal agreement the SQNR, improves."""
+def _batch_phase(search: _Search, ranked: List[str], best: parity.Parity, limit: int) -> parity.Parity:
+    """Add the next-ranked layers ``batch`` at a time while the bar is missed; keep a batch when the probe's
+    estimated drop, or at an equal drop the SQNR, improves."""
     s, result = search.settings, search.result
     rest = [n for n in ranked if n not in search.chosen]
     t0 = time.perf_counter()
-    search.say(f"fallback: agreement {best.top1_agreement:.1%} on {len(search.probe)} probe images after the SQNR "
-               f"phase ({len(search.chosen)} layer(s) float), below {search.bar.min_agreement:.1%}: adding ranked "
+    search.say(f"fallback: estimated drop {_drop(best):.2%}, SQNR {best.sqnr_db:.1f} dB on {len(search.probe)} probe "
+               f"images after the SQNR phase ({len(search.chosen)} layer(s) float), the bar missed: adding ranked "
                f"layers {s.batch} at a time (budget {limit} layers, {s.max_seconds:.0f} s)")
     i = 0
     while i < len(rest) and len(search.chosen) < limit and result.stopped != "speed floor":
         if search.bar.met(best):
             break
         if time.perf_counter() - t0 > s.max_seconds:
-            search.say("fallback: agreement phase time budget spent")
+            search.say("fallback: batch phase time budget spent")
             result.stopped = "time budget"
             break
         group = rest[i:i + min(s.batch, limit - len(search.chosen))]
         i += len(group)
         trial = search.base + search.chosen + group
         m = search.measure(trial, ranked_only=False)
-        kept = (m.top1_agreement > best.top1_agreement + 1e-9 or
-                (m.top1_agreement >= best.top1_agreement - 1e-9 and m.sqnr_db > best.sqnr_db))
+        kept = (_drop(m) < _drop(best) - 1e-9 or (_drop(m) <= _drop(best) + 1e-9 and m.sqnr_db > best.sqnr_db))
         speed = search.space.speedup(trial) if kept else None
         too_slow = speed is not None and speed < s.min_speedup
         kept = kept and not too_slow
-        result.steps.append({"phase": "agreement", "layers": group,
+        result.steps.append({"phase": "batch", "layers": group,
                              "float_layers": len(search.chosen) + len(group) * kept, "kept": kept,
                              "images": len(search.probe), **probe_record(m),
                              **({"speedup_vs_fp32": round(speed, 3)} if speed is not None else {})})
@@ -276,13 +288,13 @@ def _agreement_phase(search: _Search, ranked: List[str], best: parity.Parity, li
                        f"{s.min_speedup:.2f}x): stop")
             result.stopped = "speed floor"
             break
-        search.say(f"fallback: +{len(group)} float ({len(search.chosen) + len(group)} in all) -> agreement "
-                   f"{m.top1_agreement:.1%}, SQNR {m.sqnr_db:.1f} dB ({'kept' if kept else 'no gain, stay INT8'})")
+        search.say(f"fallback: +{len(group)} float ({len(search.chosen) + len(group)} in all) -> estimated drop "
+                   f"{_drop(m):.2%}, SQNR {m.sqnr_db:.1f} dB ({'kept' if kept else 'no gain, stay INT8'})")
         if kept:
             for node in group:
-                search.why[node] = (f"agreement phase: probe agreement {best.top1_agreement:.1%} -> "
-                                    f"{m.top1_agreement:.1%}, SQNR {best.sqnr_db:.1f} -> {m.sqnr_db:.1f} dB with its "
-                                    f"batch float (rank {ranked.index(node) + 1} of {len(ranked)} by sensitivity)")
+                search.why[node] = (f"batch phase: probe estimated drop {_drop(best):.2%} -> {_drop(m):.2%}, SQNR "
+                                    f"{best.sqnr_db:.1f} -> {m.sqnr_db:.1f} dB with its batch float (rank "
+                                    f"{ranked.index(node) + 1} of {len(ranked)} by sensitivity)")
             search.chosen += group
             best = m
     else:

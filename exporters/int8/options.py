@@ -7,7 +7,7 @@ engine reads. Imports nothing heavy.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Tuple
+from typing import Optional, Tuple
 
 RANGE_METHODS = ("minmax", "percentile", "entropy", "mse")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
@@ -25,7 +25,10 @@ def option(default, help: str, choices: Tuple[str, ...] = ()):
 
 @dataclass
 class Int8Options:
-    min_agreement: float = option(0.99, "gate on trained weights: top-1 agreement with FP32 on held-out images")
+    max_drop: float = option(1.0, "gate on trained weights: the most top-1 accuracy (percentage points) INT8 may "
+                                  "lose, measured with labels or estimated from FP32's confidence without")
+    min_agreement: Optional[float] = option(None, "opt-in stricter gate: top-1 agreement with FP32 on held-out "
+                                                  "images (a fraction, e.g. 0.99)")
     ranges: str = option("minmax", "activation range estimation (ranges are cached per model and calibration set)",
                          RANGE_METHODS)
     weight_rounding: str = option("gptq", "INT8 weights: gptq = error-compensated on the calibration images, "
@@ -36,8 +39,9 @@ class Int8Options:
     fallback: bool = option(True, "per-layer sensitivity analysis and float fallback")
     keep_float: Tuple[str, ...] = option((), "layers kept float from the start, besides the recipe's own (ONNX node "
                                              "names; Core ML: module names such as features.2.0)")
-    agreement_phase: bool = option(True, "fallback: the agreement phase after the SQNR phase")
-    fallback_batch: int = option(4, "fallback: layers floated per agreement-phase step")
+    batch_phase: bool = option(True, "fallback: after the SQNR phase, add ranked layers a batch at a time while "
+                                     "the bar is missed")
+    fallback_batch: int = option(4, "fallback: layers floated per batch-phase step")
     max_float_fraction: float = option(0.34, "fallback: at most this fraction of the candidate layers float")
     min_speedup: float = option(1.1, "fallback: float layers may not take INT8 below this speed-up over FP32 "
                                      "(where the recipe is timed on this machine)")
@@ -51,10 +55,21 @@ class Int8Options:
             raise ValueError(f"int8.ranges={self.ranges!r}: use one of {', '.join(RANGE_METHODS)}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ValueError(f"int8.weight_rounding={self.weight_rounding!r}: use one of {', '.join(WEIGHT_ROUNDINGS)}")
-        if not 0.0 <= self.min_agreement <= 1.0:
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError(f"int8.min_agreement={self.min_agreement!r}: a fraction in [0, 1]")
+        if not 0.0 <= self.max_drop <= 100.0:   # also refuses NaN
+            raise ValueError(f"int8.max_drop={self.max_drop!r}: percentage points in [0, 100]")
         if not 0.0 < self.max_float_fraction <= 1.0:
             raise ValueError(f"int8.max_float_fraction={self.max_float_fraction!r}: a fraction in (0, 1]")
+        self._check_counts()
+
+    def gate(self):
+        """The parity gate's settings (``exporters.parity.Gate``; the drop as a fraction)."""
+        from ..parity import Gate
+
+        return Gate(max_drop=self.max_drop / 100.0, min_agreement=self.min_agreement)
+
+    def _check_counts(self) -> None:
         for name in ("fallback_batch", "probe_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"int8.{name}={getattr(self, name)!r}: at least 1")
