@@ -1,10 +1,10 @@
-"""The on-device tool (``exporters/trt_device.py``, shipped in bundles as ``edgecnn_trt.py``).
+"""The on-device tool (``exporters/tensorrt/device.py``, shipped in bundles as ``edgecnn_trt.py``).
 
 Here (no TensorRT, no GPU) everything up to TensorRT is tested for real: Python 3.8 compatibility (vermin
 and ``ast`` with a 3.8 grammar, and a real Python 3.8 interpreter when one is installed), that it imports
 and runs with torch/edgecnn/onnx blocked, argument parsing, TensorRT version detection and the build plan
 per version, the trtexec line, JetPack detection, engine compatibility refusal, and that its preprocessing
-and parity gates equal edgecnn's. The TensorRT path itself runs only where ``import tensorrt`` works; the
+and parity (the shipped ``edgecnn_parity.py``) equal edgecnn's. The TensorRT path itself runs only where ``import tensorrt`` works; the
 tests for it skip with the import error as the reason.
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters import trt_device as td
+from exporters import parity
+from exporters.tensorrt import device as td
 
 TOOL = Path(td.__file__)
 BLOCKED = ("torch", "torchvision", "edgecnn", "exporters", "calibration", "onnx", "onnxruntime", "polygraphy",
@@ -212,48 +213,53 @@ def test_engine_for_another_gpu_or_tensorrt_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- equal to edgecnn
-def test_preprocessing_and_gates_equal_edgecnn():
+def test_preprocessing_equals_calibration():
     from calibration import InputSpec, normalize
-    from edgecnn.validate import metrics
 
-    assert (td.FP32_MAX_REL_ERROR, td.FP16_MIN_COSINE, td.INT8_MIN_AGREEMENT, td.INT8_RANDOM_MIN_SQNR_DB) == \
-        (metrics.FP32_MAX_REL_ERROR, metrics.FP16_MIN_COSINE, metrics.INT8_MIN_AGREEMENT, metrics.INT8_RANDOM_MIN_SQNR_DB)
     rng = np.random.default_rng(0)
     for spec in (InputSpec(height=32, width=32, resize=32, mean=(0.498,) * 3, std=(0.502,) * 3),
                  InputSpec(channels=1, height=28, width=28, resize=28, color="L", mean=(0.1307,), std=(0.3081,))):
         pixels = rng.integers(0, 256, (5, spec.height, spec.width, spec.channels), dtype=np.uint8)
         ours = td.normalize(pixels, json.loads(json.dumps(spec.to_dict())))
         assert ours.dtype == np.float32 and np.array_equal(ours, normalize(pixels, spec))
-    ref = rng.standard_normal((20, 10)).astype(np.float32)
-    for noise in (1e-6, 0.05, 3.0):
-        out = ref + noise * rng.standard_normal(ref.shape).astype(np.float32)
-        mine = td.compare(ref, out)
-        theirs = metrics.compare(ref, out)
-        for k, v in mine.items():
-            assert v == pytest.approx(getattr(theirs, k), rel=1e-12, abs=1e-15), k
-        for precision in ("fp32", "fp16", "int8"):
-            for trained in (True, False):
-                a = td.gate(mine, precision, trained)
-                b = metrics.apply_gate(metrics.compare(ref, out), precision, trained=trained)
-                assert (a["gate"], a["passed"], a["reason"]) == (b.gate, b.passed, b.reason)
 
 
-def test_one_loud_image_is_named_in_the_int8_reason_on_both_sides():
-    """Pooled SQNR is decided by the images with the largest logits; the reason then says so (median per image)."""
-    from edgecnn.validate import metrics
+def test_the_shipped_parity_copy_judges_as_edgecnn_standalone(tmp_path):
+    """The tool judges with ``edgecnn_parity.py`` (a copy of exporters/parity.py) beside it, with torch, edgecnn
+    and onnx unimportable; its verdicts equal edgecnn's, including the reason naming one loud image."""
+    from exporters.tensorrt.bundle import copy_device_tool
 
+    copy_device_tool(tmp_path)
     rng = np.random.default_rng(1)
     ref = rng.standard_normal((20, 10))
-    out = ref + 0.01 * rng.standard_normal(ref.shape)          # 40 dB on every image...
+    loud = ref + 0.01 * rng.standard_normal(ref.shape)          # 40 dB on every image...
     ref[0] *= 30.0
-    out[0] = ref[0] + 30.0 * rng.standard_normal(10)           # ...but one loud image at ~0 dB
-    ours = metrics.apply_gate(metrics.compare(ref, out), "int8", trained=False)
-    assert ours.sqnr_db < 10 < ours.median_image_sqnr_db and not ours.passed
-    assert "median per image" in ours.reason
-    theirs = td.gate(td.compare(ref, out), "int8", False)
-    assert theirs["reason"] == ours.reason
-    quiet = metrics.apply_gate(metrics.compare(ref, ref + 0.5 * rng.standard_normal(ref.shape)), "int8", trained=False)
-    assert "median per image" not in quiet.reason
+    loud[0] = ref[0] + 30.0 * rng.standard_normal(10)           # ...but one loud image at ~0 dB
+    cases = {"loud": loud, "small": ref + 1e-6 * rng.standard_normal(ref.shape), "large": ref + 3.0}
+    np.savez(tmp_path / "cases.npz", ref=ref, **cases)
+    code = BLOCKER + textwrap.dedent("""
+        import json, numpy as np
+        sys.path.insert(0, %r)
+        import edgecnn_trt
+        parity = edgecnn_trt._parity()
+        z = np.load(%r)
+        out = {}
+        for name in %r:
+            for precision in ("fp32", "fp16", "int8"):
+                for trained in (True, False):
+                    out["%%s/%%s/%%s" %% (name, precision, trained)] = parity.judge(z["ref"], z[name], precision,
+                                                                                 trained).to_dict()
+        print(json.dumps(out))
+    """) % (str(tmp_path), str(tmp_path / "cases.npz"), sorted(cases))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0 and "BLOCKED-ATTEMPTS:\n" in res.stderr, res.stderr
+    device = json.loads(res.stdout)
+    assert len(device) == 18
+    for key, verdict in device.items():
+        name, precision, trained = key.split("/")
+        assert verdict == parity.judge(ref, cases[name], precision, trained == "True").to_dict(), key
+    loud_int8 = device["loud/int8/False"]
+    assert not loud_int8["passed"] and "median per image" in loud_int8["reason"]
 
 
 # ---------------------------------------------------------------------------------------------- real TensorRT
@@ -273,7 +279,7 @@ def _tiny_bundle(tmp_path, precision="fp32"):
     import torch
 
     from calibration import InputSpec
-    from exporters.onnx import export_onnx
+    from exporters.onnx.export import export_onnx
 
     spec = InputSpec(height=32, width=32, resize=32)
     torch.manual_seed(0)

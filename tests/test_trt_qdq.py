@@ -15,10 +15,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 from calibration import InputSpec
-from exporters import qdq_check
-from exporters.common import ExportError
-from exporters.onnx import export_onnx
-from exporters.quant_trt import calibrate_ranges, default_float_layers, quantize_trt, se_gate_layers
+from calibration.ranges import compute_ranges
+from exporters.errors import ExportError
+from exporters.onnx.export import export_onnx
+from exporters.tensorrt import qdq_check
+from exporters.tensorrt.quant import default_float_layers, quantize_trt, se_gate_layers
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -60,8 +61,9 @@ def toy(tmp_path_factory):
     calib = rng.standard_normal((24, 3, 32, 32)).astype(np.float32)
     evals = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
     out = d / "toy.trt.onnx"
-    info = quantize_trt(fp32, out, calib)
-    return {"dir": d, "fp32": fp32, "qdq": out, "info": info, "calib": calib, "eval": evals}
+    ranges = compute_ranges(fp32, [calib], method="minmax", cache_dir=False)
+    info = quantize_trt(fp32, out, ranges)
+    return {"dir": d, "fp32": fp32, "qdq": out, "info": info, "ranges": ranges, "calib": calib, "eval": evals}
 
 
 def _run(path, x):
@@ -110,14 +112,14 @@ def test_se_gate_and_classifier_detection(toy):
 
 
 def test_precomputed_ranges_reproduce_the_model_and_exclusions_stay_valid(toy, tmp_path):
-    ranges = toy["info"]["ranges"]
+    ranges = toy["ranges"]
     again = tmp_path / "again.onnx"
     quantize_trt(toy["fp32"], again, ranges)
     a, b = onnx.load(toy["qdq"]), onnx.load(again)
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     np.testing.assert_array_equal(_run(toy["qdq"], toy["eval"]), _run(again, toy["eval"]))
-    # excluding the first conv of the residual block (its input is also the quantized skip) used to leave it
-    # half quantized: onnxruntime routed it through the skip's Q/DQ pair
+    # excluding the first conv of the residual block (its input is also the quantized skip): onnxruntime routes
+    # it through the skip's Q/DQ pair, which would leave it half quantized; the recipe feeds it in float
     m = onnx.load(toy["fp32"])
     expand = next(n.name for n in m.graph.node if n.op_type == "Conv" and "expand" in n.name)
     excl = tmp_path / "excl.onnx"
@@ -130,9 +132,11 @@ def test_precomputed_ranges_reproduce_the_model_and_exclusions_stay_valid(toy, t
 def test_calibration_writes_nothing_into_the_current_folder(toy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for method in ("minmax", "percentile", "entropy"):
-        ranges, n = calibrate_ranges(toy["fp32"], toy["calib"][:9], method=method)   # 9: a ragged last batch
-        assert n == 9 and "input" in ranges and all(np.isfinite(v).all() for v in ranges.values())
-    quantize_trt(toy["fp32"], tmp_path / "sub" / "q.onnx", toy["calib"][:8])
+        batches = [toy["calib"][:4], toy["calib"][4:8]]
+        ranges = compute_ranges(toy["fp32"], batches, method=method, cache_dir=False)
+        assert ranges.images == 8 and "input" in ranges.ranges
+        assert all(np.isfinite(v).all() for v in ranges.ranges.values())
+    quantize_trt(toy["fp32"], tmp_path / "sub" / "q.onnx", toy["ranges"])
     assert sorted(os.listdir(tmp_path)) == ["sub"]
 
 
@@ -317,7 +321,7 @@ def test_focus_net_trt_recipe_passes_the_checker_and_runs(arch, tmp_path):
         weights.reestimate_batchnorm(model, cs.iter_batches("calib", batch_size=16))
     fp32, qdq = tmp_path / "m.onnx", tmp_path / "m.trt.onnx"
     export_onnx(model, entry.spec, fp32, opset=17)
-    qinfo = quantize_trt(fp32, qdq, cs.array("calib"))
+    qinfo = quantize_trt(fp32, qdq, compute_ranges(fp32, [cs.array("calib")], method="minmax", cache_dir=False))
     report = qdq_check.check_file(qdq)
     assert report.ok, report.summary()
     assert report.stats["quantized_layers"] >= 10
