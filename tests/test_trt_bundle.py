@@ -131,7 +131,7 @@ def _stand_in_results(bundle_dir: Path, *, parity_override=None, validation=True
     build = {"engine": "model.stand-in-sm00-trt0.0.0.engine", "onnx": "model.onnx",
              "onnx_sha256": onnx_sha or b.sha256("model.onnx")}
     val = {"engine": build["engine"], "parity": verdict, "latency": None} if validation else None
-    results = td._results(b, info, build, val)
+    results = td.results_record(b, info, build, val)
     if onnx_sha:
         results["bundle"]["onnx_sha256"]["model.onnx"] = onnx_sha
     path = bundle_dir.parent / "results.stand-in.json"

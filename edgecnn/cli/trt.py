@@ -1,6 +1,6 @@
 """CLI for the TensorRT path: ``check-qdq``, ``trt {check,build,validate,all}`` and ``merge-results``.
 
-``edgecnn trt ...`` runs the very code shipped in bundles as ``edgecnn_trt.py`` (``exporters/trt_device.py``),
+``edgecnn trt ...`` runs the very code shipped in bundles as ``edgecnn_trt.py`` (``exporters/tensorrt/device.py``),
 so a machine with edgecnn and TensorRT builds engines exactly as a bare Jetson does.
 """
 from __future__ import annotations
@@ -69,22 +69,16 @@ def _cmd_trt(args) -> int:
         if trt is None:
             raise ToolchainError(f"TensorRT is not installed here ({why})",
                                  hint="copy the bundle to the device and run `python3 edgecnn_trt.py all` there")
-    parser = trt_device.build_parser()
-    ns = parser.parse_args(argv)
+    ns = trt_device.build_parser().parse_args(argv)
     try:
-        if ns.command == "check":
-            if trt_device.cmd_check(ns) != 0:
-                raise ToolchainError("this machine cannot build TensorRT engines (see NOT READY above)",
-                                     hint="run on a Jetson or a machine with an NVIDIA GPU and TensorRT")
-            return 0
-        if ns.command == "build":
-            trt_device.cmd_build(ns)
-            return 0
-        code = trt_device.cmd_validate(ns) if ns.command == "validate" else trt_device.cmd_all(ns)
+        code = trt_device.run_command(ns)
     except trt_device.ToolError as exc:
         family = {trt_device.EXIT_USAGE: UsageError, trt_device.EXIT_ENGINE: IntegrityError,
                   trt_device.EXIT_GATE: GateFailed}.get(exc.code, ToolchainError)
         raise family(str(exc), hint=exc.hint) from None
+    if ns.command == "check" and code != 0:
+        raise ToolchainError("this machine cannot build TensorRT engines (see NOT READY above)",
+                             hint="run on a Jetson or a machine with an NVIDIA GPU and TensorRT")
     if code == trt_device.EXIT_GATE:
         raise GateFailed("TensorRT parity gate failed on this device", hint="see the results JSON")
     return code
@@ -102,7 +96,8 @@ def _cmd_merge(args) -> int:
         if p:
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | {p.get('runtime', '')}")
         lat = manifest.get("latency") or {}
-        if lat.get("batch1"):
-            print(f"  latency  batch 1 p50 {lat['batch1']['p50_ms']:.3f} ms (GPU time, CUDA events)")
+        timed = lat.get("batch1") or lat.get("throughput")
+        if timed:
+            print(f"  latency  batch {timed['batch']} p50 {timed['p50_ms']:.3f} ms (GPU time, CUDA events)")
     return 0
 

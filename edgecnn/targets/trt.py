@@ -146,8 +146,8 @@ class TrtTarget(Target):
         path = Path(bundle) / engine_file
         if not path.exists():
             return None
-        trt_device.check_engine_compatible(str(path), trt_device.parse_version(trt.__version__), info)
-        return trt_device.TrtRunner(str(path), trt, trt_device.Cuda())
+        meta = trt_device.check_engine_compatible(str(path), trt_device.parse_version(trt.__version__), info)
+        return trt_device.TrtRunner(str(path), trt, trt_device.Cuda(), dla_core=meta.get("dla_core"))
 
     def runtime_unavailable_reason(self, manifest: dict) -> str:
         trt, info = tensorrt_here()
