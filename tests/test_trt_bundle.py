@@ -77,7 +77,11 @@ def test_int8_bundle_qdq_model_and_cache(bundles):
     qdq = res.path / "model.int8.qdq.onnx"
     assert qdq_check.check_file(qdq).ok
     checks = {c["name"]: c for c in m["local_checks"]}
-    assert checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["passed"]
+    rules = checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]
+    assert rules["passed"] and rules["report"]["errors"] == [] and rules["report"]["warnings"] == []
+    assert rules["detail"].startswith("0 error(s) (refused by TensorRT's ONNX parser), 0 warning(s) (builds, but "
+                                      "slower than it could be)")
+    assert "check    TensorRT Q/DQ rules on model.int8.qdq.onnx: PASS | 0 error(s)" in res.summary()
     ort_check = checks["onnxruntime check of model.int8.qdq.onnx (the Q/DQ model)"]
     assert ort_check["passed"] and ort_check["parity"]["gate"].startswith("SQNR")   # random init: SQNR gate
     quantizer = m["recipe"]["quantizer"]

@@ -11,7 +11,8 @@ from ..errors import GateFailed, InputError, IntegrityError, ToolchainError, Usa
 
 
 def register(sub) -> dict:
-    q = sub.add_parser("check-qdq", help="prove an INT8 Q/DQ ONNX model follows TensorRT's rules (names each violation)")
+    q = sub.add_parser("check-qdq", help="check an INT8 Q/DQ ONNX model against TensorRT's rules: errors (refused by "
+                                         "its parser) and warnings (slower than it could be)")
     q.add_argument("model", nargs="?", help="a Q/DQ .onnx file (e.g. a trt-int8 bundle's model.int8.qdq.onnx)")
     q.add_argument("--max-opset", type=int, default=17, help="highest opset the target TensorRT parses (default 17)")
     q.add_argument("--rules", action="store_true", help="list the rules and exit")
@@ -50,8 +51,8 @@ def _cmd_check_qdq(args) -> int:
         raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     if not report.ok:
-        raise GateFailed(f"{path}: {len(report.violations)} TensorRT Q/DQ rule violation(s)",
-                         hint="see the list above (rule, node, tensor)")
+        raise GateFailed(f"{path}: {len(report.errors)} error(s): TensorRT's ONNX parser would refuse it",
+                         hint="see the errors above (rule, node, tensor, and the TensorRT requirement)")
     return 0
 
 
