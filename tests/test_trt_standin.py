@@ -230,6 +230,25 @@ def test_edgecnn_trt_on_a_host_with_tensorrt(bundles, tmp_path, cli):
     assert res.returncode == EXIT_TOOLCHAIN and "has no DLA support" in res.stderr, res.stderr
 
 
+def test_export_builds_and_validates_the_engine_where_tensorrt_is(tmp_path, monkeypatch):
+    """On a machine with TensorRT and a GPU, `edgecnn export --target trt` builds the engine with the tool's
+    code and validates it through TrtRunner like any other runner (the smallest net: lenet5)."""
+    from edgecnn.options import ExportOptions
+    from edgecnn.pipeline import export
+    from trt_standin import cudart
+
+    monkeypatch.setitem(sys.modules, "tensorrt", standin.load("10.3.0.30", "agx-orin", cudart_loader=False))
+    monkeypatch.setattr(td, "load_cudart", lambda environ=None: cudart.Library("agx-orin"))
+    res = export("lenet5", "trt", "fp32", out=tmp_path, quiet=True,
+                 options=ExportOptions(calib_size=32, eval_size=16, latency=False))
+    m = res.manifest
+    engine = m["tensorrt"]["engine"]
+    assert res.status == "validated" and m["parity"]["passed"] and "tensorrt" in m["parity"]["runtime"]
+    assert engine == "model.orin-sm87-trt10.3.0.engine" and engine in m["files"] and not m["pending"]
+    assert m["tensorrt"]["engine_build"]["plan"]["clear_flags"] == ["TF32"]
+    assert cudart.STATE.leftovers() == {"allocations": 0, "streams": 0, "events": 0}
+
+
 # ---------------------------------------------------------------------------------------------- the stand-in fails
 def test_the_standin_refuses_what_each_version_refuses():
     """Negative controls: the stand-in is strict where TensorRT is, so the tests above could fail."""

@@ -563,16 +563,22 @@ class Cuda(object):
         if ptr:
             self.check(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
 
+    def _call(self, name, *args):
+        self.check(getattr(self.lib, name)(*args), name)
+
+    def _new_handle(self, name):
+        handle = ctypes.c_void_p()
+        self._call(name, ctypes.byref(handle))
+        return handle.value
+
     def stream(self):
-        s = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(s)), "cudaStreamCreate")
-        return s.value
+        return self._new_handle("cudaStreamCreate")
 
     def destroy_stream(self, stream):
-        self.check(self.lib.cudaStreamDestroy(ctypes.c_void_p(stream)), "cudaStreamDestroy")
+        self._call("cudaStreamDestroy", ctypes.c_void_p(stream))
 
     def sync(self, stream):
-        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
+        self._call("cudaStreamSynchronize", ctypes.c_void_p(stream))
 
     def h2d(self, dst, array, stream):
         self.check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(array.ctypes.data), array.nbytes,
@@ -583,15 +589,13 @@ class Cuda(object):
                                             self.D2H, ctypes.c_void_p(stream)), "cudaMemcpyAsync D2H")
 
     def event(self):
-        e = ctypes.c_void_p()
-        self.check(self.lib.cudaEventCreate(ctypes.byref(e)), "cudaEventCreate")
-        return e.value
+        return self._new_handle("cudaEventCreate")
 
     def destroy_event(self, event):
-        self.check(self.lib.cudaEventDestroy(ctypes.c_void_p(event)), "cudaEventDestroy")
+        self._call("cudaEventDestroy", ctypes.c_void_p(event))
 
     def record(self, event, stream):
-        self.check(self.lib.cudaEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)), "cudaEventRecord")
+        self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))
 
     def elapsed_ms(self, start, end):
         self.check(self.lib.cudaEventSynchronize(ctypes.c_void_p(end)), "cudaEventSynchronize")
