@@ -766,16 +766,6 @@ def reheader_cache(data, trt_version):
     return ("TRT-%d-%s\n" % (cache_header_version(trt_version), m.group(2)) + rest).encode("ascii")
 
 
-def parse_cache_names(data):
-    """Tensor names with a scale in a calibration cache (bytes)."""
-    names = set()
-    for line in data.decode("ascii").splitlines()[1:]:
-        name, sep, _ = line.rpartition(":")
-        if sep:
-            names.add(name)
-    return names
-
-
 # Layers that pass values through unchanged: their output has the input's range.
 _RANGE_PRESERVING = ("SHUFFLE", "IDENTITY")
 
@@ -790,6 +780,8 @@ def complete_cache(trt, network, data):
     added, missing = [], []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
+        if layer.type == trt.LayerType.CONSTANT:
+            continue  # weights, not activations
         src = layer.get_input(0) if layer.num_inputs else None
         for j in range(layer.num_outputs):
             out = layer.get_output(j).name
@@ -859,8 +851,8 @@ def check_dla(builder, plan, info):
     if cores == 0:
         gpu = (info.get("gpu") or {}).get("name", "this GPU")
         model = (info.get("jetson") or {}).get("model") or gpu
-        raise ToolError("DLA core %d requested, but %s has no DLA (TensorRT reports 0 DLA cores)" % (core, model),
-                        EXIT_ENV, DLA_WHERE + "; build without --dla")
+        raise ToolError("DLA core %d requested, but TensorRT %s reports no DLA core on this device (%s)"
+                        % (core, info.get("tensorrt", "?"), model), EXIT_ENV, DLA_WHERE + "; build without --dla")
     if core >= cores:
         raise ToolError("DLA core %d requested, this device has %d (cores 0..%d)" % (core, cores, cores - 1),
                         EXIT_USAGE)
