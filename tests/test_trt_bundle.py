@@ -1,4 +1,4 @@
-"""The TensorRT bundle end to end through the pipeline (mobilenet_v3_small, FP32 and INT8), and merging
+"""The TensorRT bundle end to end through the pipeline (random-init mobilenet_v3, FP32 and INT8), and merging
 device results into it. No TensorRT here: the engine must be reported pending, never built or validated."""
 from __future__ import annotations
 
@@ -15,12 +15,10 @@ import pytest
 from calibration import trt_cache
 from edgecnn import artefact
 from edgecnn.errors import GateFailed, InputError, IntegrityError
-from edgecnn.pipeline import export
-from edgecnn.targets import ExportOptions
-from exporters import qdq_check
-from exporters import trt_device as td
-
-ARCH = "mobilenet_v3_small"
+from exporters import parity
+from exporters.tensorrt import device as td
+from exporters.tensorrt import qdq_check
+from trt_bundles import session_bundles
 
 
 def _no_tensorrt():
@@ -31,26 +29,32 @@ pytestmark = pytest.mark.skipif(not _no_tensorrt(), reason="TensorRT is installe
                                 "pending path (the device path is tested in test_trt_device.py)")
 
 
+class _Exported:
+    """What the tests read of an exported bundle: its folder, manifest and summary."""
+
+    def __init__(self, path: Path):
+        self.path, self.manifest = path, artefact.read_manifest(path)
+
+    def summary(self) -> str:
+        from edgecnn.summary import summary_text
+
+        return summary_text(self.manifest, self.manifest["status"], self.path, 0.0)
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    out = tmp_path_factory.mktemp("art")
-    # the default calibration/evaluation sizes, as users run it: random-init MobileNetV3-small's INT8 SQNR sits
-    # near the 10 dB random-init bar, and with 96 calibration images it measured 9.2 dB on the held-out crops
-    opts = dict(latency=False)
-    fp32 = export(ARCH, "trt", "fp32", out=out, options=ExportOptions(**opts), quiet=True)
-    int8 = export(ARCH, "trt", "int8", out=out, options=ExportOptions(**opts), quiet=True)
-    return {"fp32": fp32, "int8": int8}
+    return {p: _Exported(path) for p, path in session_bundles(tmp_path_factory, ("fp32", "int8")).items()}
 
 
 def test_bundle_files_and_pending_manifest(bundles):
     for precision, res in bundles.items():
         m = res.manifest
-        expect = {"model.onnx", "edgecnn_trt.py", "labels.txt", "reference.npz"}
+        expect = {"model.onnx", "edgecnn_trt.py", "edgecnn_parity.py", "labels.txt", "reference.npz"}
         if precision == "int8":
             expect |= {"model.int8.qdq.onnx", "calibration.cache"}
         assert set(m["files"]) == expect and res.path.name == f"trt-{precision}"
-        assert m["status"] == "pending" and m["engine"] == "pending" and m["tensorrt"]["engine"] == "pending"
-        assert "parity" not in m and "latency" not in m            # nothing claims a TensorRT result
+        assert m["status"] == "pending" and m["tensorrt"]["engine"] == "pending"
+        assert m["parity"] is None and m["latency"] is None          # nothing claims a TensorRT result
         assert "no TensorRT on this machine" in m["pending"] and "edgecnn_trt.py all" in m["pending"]
         assert not any(Path(res.path, f).suffix == ".engine" for f in m["files"])
         assert m["tensorrt"]["intended"]["onnx_opset"] == 17 and m["tensorrt"]["intended"]["jetpack"]
@@ -63,6 +67,7 @@ def test_bundle_files_and_pending_manifest(bundles):
         assert onnx.load(res.path / "model.onnx").opset_import[0].version == 17
         artefact.verify(res.path)
         assert (res.path / "edgecnn_trt.py").read_bytes() == Path(td.__file__).read_bytes()
+        assert (res.path / "edgecnn_parity.py").read_bytes() == Path(parity.__file__).read_bytes()
         assert "PENDING" in res.summary() and "check    onnxruntime check" in res.summary()
 
 
@@ -72,15 +77,18 @@ def test_int8_bundle_qdq_model_and_cache(bundles):
     qdq = res.path / "model.int8.qdq.onnx"
     assert qdq_check.check_file(qdq).ok
     checks = {c["name"]: c for c in m["local_checks"]}
-    assert checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["passed"]
+    rules = checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]
+    assert rules["passed"] and rules["report"]["errors"] == [] and rules["report"]["warnings"] == []
+    assert rules["detail"].startswith("0 error(s) (refused by TensorRT's ONNX parser), 0 warning(s) (builds, but "
+                                      "slower than it could be)")
+    assert "check    TensorRT Q/DQ rules on model.int8.qdq.onnx: PASS | 0 error(s)" in res.summary()
     ort_check = checks["onnxruntime check of model.int8.qdq.onnx (the Q/DQ model)"]
     assert ort_check["passed"] and ort_check["parity"]["gate"].startswith("SQNR")   # random init: SQNR gate
-    assert m["recipe"]["recipe"] == "trt" and m["recipe"]["opset"] == 17 and m["recipe"]["float_layers"]
-    # the INT8 fallback ran on the trt recipe: what it keeps float is what the Q/DQ model keeps float
-    fb = m["recipe"]["fallback"]
-    assert fb["enabled"] and fb["probe_split"] and "not fitted on" in fb["probe"]
-    assert set(fb["layers_float"]) == set(m["recipe"]["float_layers"])
-    assert set(fb["layers_float"]) <= set(checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["report"]["stats"]["float_layers"])
+    quantizer = m["recipe"]["quantizer"]
+    assert m["recipe"]["recipe"] == "trt" and quantizer["opset"] == 17 and quantizer["float_layers"]
+    # what the recipe keeps float (SE gates, classifier) is what the Q/DQ model keeps float
+    stats = checks["TensorRT Q/DQ rules on model.int8.qdq.onnx"]["report"]["stats"]
+    assert set(quantizer["float_layers"]) == set(stats["float_layers"])
     # the cache: TensorRT header for the default target, one entry per float tensor of model.onnx
     cache = trt_cache.read_cache(res.path / "calibration.cache")
     assert cache.header == "TRT-8502-EntropyCalibration2" == m["tensorrt"]["calibration_cache"]["header"]
@@ -96,16 +104,16 @@ def test_int8_bundle_qdq_model_and_cache(bundles):
 
 
 def test_validate_and_the_bundled_tool_say_pending(bundles, tmp_path):
-    from edgecnn.validate.bundle import validate_bundle
+    from edgecnn.pipeline import validate
 
     res = bundles["fp32"]
-    out = validate_bundle(res.path, latency=False)
+    out = validate(res.path, latency=False)
     assert out["status"] == "pending" and "TensorRT engine pending" in out["reason"]
     copy = tmp_path / "jetson" / "trt-fp32"
     shutil.copytree(res.path, copy)                     # what a user copies to the device
     run = subprocess.run([sys.executable, "edgecnn_trt.py", "build"], cwd=copy, capture_output=True, text=True)
     assert run.returncode == td.EXIT_ENV and "TensorRT's Python bindings are not importable" in run.stderr
-    inputs, reference = td.Bundle(copy).reference()   # what the device validates against
+    inputs, reference = td.Bundle.open(copy).reference()   # what the device validates against
     assert inputs.shape[1:] == (3, 224, 224) and reference.shape == (len(inputs), 1000)
 
 
@@ -113,20 +121,21 @@ def test_validate_and_the_bundled_tool_say_pending(bundles, tmp_path):
 def _stand_in_results(bundle_dir: Path, *, parity_override=None, validation=True, onnx_sha=None):
     """Results in the device tool's own format, with onnxruntime standing in for TensorRT: this exercises the
     merge logic only. They are written and merged in a temporary copy, never into a real artefact."""
-    from edgecnn.runtimes.onnxruntime import OnnxRuntimeRunner
+    from exporters.onnx.runner import OnnxRuntimeRunner
 
-    b = td.Bundle(bundle_dir)
+    b = td.Bundle.open(bundle_dir)
     inputs, reference = b.reference()
-    out = OnnxRuntimeRunner(bundle_dir / "model.onnx").run(inputs)
-    parity = td.gate(td.compare(reference, out), b.precision, False)
+    with OnnxRuntimeRunner(bundle_dir / "model.onnx") as runner:
+        out = runner.run(inputs)
+    verdict = parity.judge(reference, out, b.precision, False).to_dict()
     if parity_override:
-        parity.update(parity_override)
+        verdict.update(parity_override)
     info = {"gpu": {"name": "stand-in (onnxruntime CPU, not TensorRT)", "compute_capability": "0.0"},
             "tensorrt": "none (stand-in)", "python": sys.version.split()[0]}
     build = {"engine": "model.stand-in-sm00-trt0.0.0.engine", "onnx": "model.onnx",
              "onnx_sha256": onnx_sha or b.sha256("model.onnx")}
-    val = {"engine": build["engine"], "parity": parity, "latency": None} if validation else None
-    results = td._results(b, info, build, val)
+    val = {"engine": build["engine"], "parity": verdict, "latency": None} if validation else None
+    results = td.results_record(b, info, build, val)
     if onnx_sha:
         results["bundle"]["onnx_sha256"]["model.onnx"] = onnx_sha
     path = bundle_dir.parent / "results.stand-in.json"
@@ -145,8 +154,8 @@ def test_merge_results_validates_only_with_passing_device_parity(fp32_copy):
     from edgecnn.device_results import merge_results
 
     m = merge_results(fp32_copy, _stand_in_results(fp32_copy))
-    assert m["status"] == "validated" and m["parity"]["passed"] and "pending" not in m
-    assert "stand-in" in m["parity"]["runtime"] and "validated on" in m["engine"]
+    assert m["status"] == "validated" and m["parity"]["passed"] and not m.get("pending")
+    assert "stand-in" in m["parity"]["runtime"] and "validated on" in m["tensorrt"]["engine_status"]
     assert "device-results/results.stand-in.json" in m["files"]
     artefact.verify(fp32_copy)                          # re-hashed: the bundle still verifies
 
@@ -165,7 +174,7 @@ def test_merge_results_build_only_stays_pending_and_foreign_results_are_refused(
     from edgecnn.device_results import merge_results
 
     m = merge_results(fp32_copy, _stand_in_results(fp32_copy, validation=False))
-    assert m["status"] == "pending" and "not validated" in m["engine"] and "parity" not in m
+    assert m["status"] == "pending" and "not validated" in m["tensorrt"]["engine_status"] and m["parity"] is None
     with pytest.raises(IntegrityError, match="different model.onnx"):
         merge_results(fp32_copy, _stand_in_results(fp32_copy, onnx_sha="0" * 64))
     junk = tmp_path / "junk.json"
@@ -188,14 +197,14 @@ def test_fp16_bundle_files_small_model(tmp_path):
     import torch
 
     from calibration import InputSpec
-    from exporters import tensorrt as trt_exporter
+    from exporters.tensorrt import bundle as trt_exporter
 
     spec = InputSpec(height=32, width=32, resize=32)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.BatchNorm2d(8), torch.nn.Hardswish(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
     out = trt_exporter.write_bundle(model, spec, "fp16", tmp_path, say=lambda s: None)
-    assert out["files"] == ["model.onnx", "model.fp16.onnx", "edgecnn_trt.py"]
+    assert out["files"] == ["model.onnx", "model.fp16.onnx", "edgecnn_trt.py", "edgecnn_parity.py"]
     assert out["tensorrt"]["build_recipe"]["11+ (GPU)"]["onnx"] == "model.fp16.onnx"
     assert out["tensorrt"]["build_recipe"]["8.5-10.x (GPU)"]["builder_flags"] == ["FP16"]
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -213,7 +222,7 @@ def test_matrix_shows_the_local_qdq_check_as_labelled_proxy_parity(bundles):
     """A pending TensorRT INT8 cell shows the onnxruntime parity of the shipped Q/DQ model, labelled as such;
     a pending FP16 cell shows none (nothing here runs FP16 TensorRT kernels)."""
     from edgecnn.matrix.results import from_manifest
-    from edgecnn.report import row
+    from edgecnn.matrix.report import row
 
     res = bundles["int8"]
     r = from_manifest(res.manifest, res.path, outcome="built", seconds=1.0)

@@ -64,7 +64,7 @@ def test_parse_errors_name_the_line(tmp_path):
 
 def test_device_tool_reheader_keeps_values():
     """edgecnn_trt.py rewrites the header to the device's TensorRT; the scales must be untouched."""
-    from exporters import trt_device
+    from exporters.tensorrt import device as trt_device
 
     c = trt_cache.from_ranges({"a": 1.5, "b": 3.0}, trt_version="8.5.2")
     new = trt_device.reheader_cache(c.text().encode(), (10, 3, 0)).decode()

@@ -2,10 +2,12 @@
 
 A small network with every pattern the focus nets have (stem conv, a residual block, a squeeze-and-
 excitation gate, a Linear classifier) keeps the default run fast; the focus nets run in ``slow``.
-Negative tests break one rule at a time in a real recipe output and check that exactly that rule is named.
+Negative tests break one rule at a time in a real recipe output and check that exactly that rule is named,
+with its severity: an error (TensorRT's parser refuses the model) or a warning (slower than it could be).
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -15,10 +17,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 from calibration import InputSpec
-from exporters import qdq_check
-from exporters.common import ExportError
-from exporters.onnx import export_onnx
-from exporters.quant_trt import calibrate_ranges, default_float_layers, quantize_trt, se_gate_layers
+from calibration.ranges import compute_ranges
+from exporters.errors import ExportError
+from exporters.onnx.export import export_onnx
+from exporters.tensorrt import qdq_check
+from exporters.tensorrt.quant import default_float_layers, quantize_trt, se_gate_layers
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -60,8 +63,9 @@ def toy(tmp_path_factory):
     calib = rng.standard_normal((24, 3, 32, 32)).astype(np.float32)
     evals = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
     out = d / "toy.trt.onnx"
-    info = quantize_trt(fp32, out, calib)
-    return {"dir": d, "fp32": fp32, "qdq": out, "info": info, "calib": calib, "eval": evals}
+    ranges = compute_ranges(fp32, [calib], method="minmax", cache_dir=False)
+    info = quantize_trt(fp32, out, ranges)
+    return {"dir": d, "fp32": fp32, "qdq": out, "info": info, "ranges": ranges, "calib": calib, "eval": evals}
 
 
 def _run(path, x):
@@ -70,6 +74,21 @@ def _run(path, x):
 
 def _rules(model):
     return {v.rule for v in qdq_check.check_model(model).violations}
+
+
+def _only(model, rule):
+    """The findings of ``rule`` in ``model``; asserts the report's verdict follows that rule's severity."""
+    report = qdq_check.check_model(model)
+    found = [v for v in report.violations if v.rule == rule]
+    assert found, report.summary()
+    severity = qdq_check.RULES[rule].severity
+    assert all(v.severity == severity for v in found)
+    if severity == qdq_check.WARNING:
+        assert report.ok or any(v.rule != rule for v in report.errors), report.summary()
+    else:
+        assert not report.ok and found[0] in report.errors
+        assert found[0].to_dict()["cite"].startswith("TensorRT")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- positive
@@ -110,14 +129,14 @@ def test_se_gate_and_classifier_detection(toy):
 
 
 def test_precomputed_ranges_reproduce_the_model_and_exclusions_stay_valid(toy, tmp_path):
-    ranges = toy["info"]["ranges"]
+    ranges = toy["ranges"]
     again = tmp_path / "again.onnx"
     quantize_trt(toy["fp32"], again, ranges)
     a, b = onnx.load(toy["qdq"]), onnx.load(again)
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
     np.testing.assert_array_equal(_run(toy["qdq"], toy["eval"]), _run(again, toy["eval"]))
-    # excluding the first conv of the residual block (its input is also the quantized skip) used to leave it
-    # half quantized: onnxruntime routed it through the skip's Q/DQ pair
+    # excluding the first conv of the residual block (its input is also the quantized skip): onnxruntime routes
+    # it through the skip's Q/DQ pair, which would leave it half quantized; the recipe feeds it in float
     m = onnx.load(toy["fp32"])
     expand = next(n.name for n in m.graph.node if n.op_type == "Conv" and "expand" in n.name)
     excl = tmp_path / "excl.onnx"
@@ -130,9 +149,11 @@ def test_precomputed_ranges_reproduce_the_model_and_exclusions_stay_valid(toy, t
 def test_calibration_writes_nothing_into_the_current_folder(toy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for method in ("minmax", "percentile", "entropy"):
-        ranges, n = calibrate_ranges(toy["fp32"], toy["calib"][:9], method=method)   # 9: a ragged last batch
-        assert n == 9 and "input" in ranges and all(np.isfinite(v).all() for v in ranges.values())
-    quantize_trt(toy["fp32"], tmp_path / "sub" / "q.onnx", toy["calib"][:8])
+        batches = [toy["calib"][:4], toy["calib"][4:8]]
+        ranges = compute_ranges(toy["fp32"], batches, method=method, cache_dir=False)
+        assert ranges.images == 8 and "input" in ranges.ranges
+        assert all(np.isfinite(v).all() for v in ranges.ranges.values())
+    quantize_trt(toy["fp32"], tmp_path / "sub" / "q.onnx", toy["ranges"])
     assert sorted(os.listdir(tmp_path)) == ["sub"]
 
 
@@ -179,6 +200,7 @@ def test_onnxruntime_alone_breaks_the_residual_rule(toy, tmp_path):
     report = qdq_check.check_file(raw)
     bad = [v for v in report.violations if v.rule == "residual-add"]
     assert len(bad) == 1 and "Add" in bad[0].node and bad[0].tensor
+    assert bad[0].severity == qdq_check.WARNING and bad[0] in report.warnings     # slower, not refused
 
 
 def test_uint8_zero_point_is_named(toy):
@@ -213,14 +235,33 @@ def test_per_channel_activation(toy):
     assert "activation-per-tensor" in _rules(m)
 
 
-def test_weight_axis_not_zero(toy):
+def test_per_channel_scale_count_must_match_its_axis(toy):
     m = _load(toy)
     dq = _weight_dq(m)
     for a in dq.attribute:
         if a.name == "axis":
-            a.i = 1
-    vs = [v for v in qdq_check.check_model(m).violations if v.rule == "weight-per-channel-axis0"]
-    assert vs and vs[0].node == dq.name
+            a.i = 1                                   # the scales are for axis 0: wrong count for axis 1
+    vs = _only(m, "scale-count")
+    assert vs[0].node == dq.name
+
+
+def test_per_channel_weights_on_another_axis_are_a_warning():
+    """Per-channel scales on axis 1 with one scale per element of that axis: TensorRT imports it (valid),
+    but its INT8 kernels fuse output-channel (axis 0) scales."""
+    w = np.random.default_rng(0).standard_normal((4, 6, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(6, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(6, np.int8), "wz"), numpy_helper.from_array(np.float32(0.02), "xs"),
+             numpy_helper.from_array(np.int8(0), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+             helper.make_node("QuantizeLinear", ["w", "ws", "wz"], ["wq"], name="qw", axis=1),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="dqw", axis=1),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4, 4])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    vs = _only(m, "weight-axis0")
+    assert {v.node for v in vs} == {"qw", "dqw"} and qdq_check.check_model(m).ok
 
 
 def test_int8_weight_initializer_instead_of_fp32_behind_qdq(toy):
@@ -231,8 +272,8 @@ def test_int8_weight_initializer_instead_of_fp32_behind_qdq(toy):
     scale = numpy_helper.to_array(_init(m, q.input[1])).reshape(-1, *([1] * (w.ndim - 1)))
     m.graph.initializer.append(numpy_helper.from_array(np.round(w / scale).astype(np.int8), "w_int8"))
     dq.input[0] = "w_int8"
-    vs = [v for v in qdq_check.check_model(m).violations if v.rule == "weight-fp32-qdq"]
-    assert vs and vs[0].node == dq.name and vs[0].tensor == "w_int8"
+    vs = _only(m, "weight-fp32-qdq")                   # valid; what TensorRT 8.x folds is the FP32 form
+    assert vs[0].node == dq.name and vs[0].tensor == "w_int8"
 
 
 def test_shared_dq_output(toy):
@@ -242,17 +283,20 @@ def test_shared_dq_output(toy):
     user = g.consumers[dq.output[0]][0]
     other = _first(m, "Conv", lambda n: n is not user)
     other.input[1] = dq.output[0]
-    vs = [v for v in qdq_check.check_model(m).violations if v.rule == "dedicated-dq"]
-    assert vs and vs[0].node == dq.name
+    vs = _only(m, "dedicated-dq")
+    assert vs[0].node == dq.name
 
 
-def test_stray_opset_import_and_foreign_op(toy):
+def test_stray_opset_import_foreign_op_and_opset(toy):
     m = _load(toy)
     m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    assert "opset-imports" in _rules(m)
+    _only(m, "opset-imports")                          # unused: a warning
+    relu = _first(m, "Relu")
+    relu.domain = "com.microsoft"                      # now used by a node TensorRT has no importer for
+    _only(m, "foreign-op")
     m2 = _load(toy)
     m2.opset_import[0].version = 19
-    assert "opset" in _rules(m2)
+    _only(m2, "opset")
 
 
 def test_half_quantized_conv_and_int32_bias(toy):
@@ -260,8 +304,8 @@ def test_half_quantized_conv_and_int32_bias(toy):
     g = qdq_check.Graph(m)
     conv = _first(m, "Conv", lambda n: g.is_dequantized(n.input[1]))
     conv.input[1] = g.source(conv.input[1])
-    vs = [v for v in qdq_check.check_model(m).violations if v.rule == "conv-gemm-inputs"]
-    assert vs and vs[0].node == conv.name
+    vs = _only(m, "half-quantized")                    # builds: that layer runs in float
+    assert vs[0].node == conv.name
     m = _load(toy)
     g = qdq_check.Graph(m)
     conv = _first(m, "Conv", lambda n: g.is_dequantized(n.input[1]) and len(n.input) > 2)
@@ -270,8 +314,8 @@ def test_half_quantized_conv_and_int32_bias(toy):
                                 numpy_helper.from_array(np.float32(1e-3), "b_scale")])
     m.graph.node.append(helper.make_node("DequantizeLinear", ["b_i32", "b_scale"], ["b_deq"], name="bias_dq"))
     conv.input[2] = "b_deq"
-    rules = _rules(m)
-    assert "conv-gemm-inputs" in rules and "int8-only" in rules
+    _only(m, "bias-fp32")
+    assert "int8-only" in _rules(m)
 
 
 def test_q_dq_scale_mismatch_and_no_int8_at_all(toy):
@@ -281,8 +325,20 @@ def test_q_dq_scale_mismatch_and_no_int8_at_all(toy):
     sc = _init(m, dq.input[1])
     m.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(sc) * 2, "other_scale"))
     dq.input[1] = "other_scale"
-    assert "qdq-pair" in _rules(m)
-    assert "has-int8" in _rules(onnx.load(toy["fp32"]))
+    _only(m, "qdq-same-params")                       # TensorRT requantizes: slower, not refused
+    _only(onnx.load(toy["fp32"]), "has-int8")         # a float model builds as a float engine
+
+
+def test_severities_are_declared_and_errors_cite_tensorrt():
+    errors = {k for k, r in qdq_check.RULES.items() if r.severity == qdq_check.ERROR}
+    warnings = {k for k, r in qdq_check.RULES.items() if r.severity == qdq_check.WARNING}
+    assert errors == {"opset", "foreign-op", "onnx-ops", "int8-only", "zero-point-zero", "scale",
+                      "activation-per-tensor", "scale-count", "qdq-pair", "bias-fp32"}
+    assert warnings == {"opset-imports", "weight-axis0", "weight-fp32-qdq", "qdq-same-params", "dedicated-dq",
+                        "half-quantized", "residual-add", "has-int8"}
+    assert all(qdq_check.RULES[k].cite.startswith("TensorRT") for k in errors)
+    text = qdq_check.rules_text()
+    assert text.index("errors (refused by TensorRT's ONNX parser)") < text.index("warnings (builds, but slower")
 
 
 def test_check_qdq_cli(toy, tmp_path, capsys):
@@ -291,12 +347,22 @@ def test_check_qdq_cli(toy, tmp_path, capsys):
     assert main(["check-qdq", str(toy["qdq"])]) == 0
     assert "PASS" in capsys.readouterr().out
     m = _load(toy)
-    _activation_q(m).input.pop()   # drop a zero point
+    _activation_q(m).input.pop()   # drop a zero point: an error
     bad = tmp_path / "bad.onnx"
     onnx.save(m, bad)
     assert main(["check-qdq", str(bad)]) == 5
     out = capsys.readouterr()
-    assert "[int8-only]" in out.out and "violation" in out.err
+    assert "errors:\n  [int8-only]" in out.out and "INT8 quantization only" in out.out and "refuse" in out.err
+    slow = _load(toy)
+    g = qdq_check.Graph(slow)
+    dq = _weight_dq(slow)
+    _first(slow, "Conv", lambda n: n is not g.consumers[dq.output[0]][0]).input[1] = dq.output[0]   # shared DQ
+    warned = tmp_path / "slow.onnx"
+    onnx.save(slow, warned)
+    assert main(["check-qdq", str(warned), "--json"]) == 0           # warnings only: TensorRT builds it
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and not report["errors"] and report["warnings"][0]["rule"] == "dedicated-dq"
+    assert report["warnings"][0]["severity"] == "warning"
 
 
 # ---------------------------------------------------------------------------------------------- focus nets
@@ -317,7 +383,7 @@ def test_focus_net_trt_recipe_passes_the_checker_and_runs(arch, tmp_path):
         weights.reestimate_batchnorm(model, cs.iter_batches("calib", batch_size=16))
     fp32, qdq = tmp_path / "m.onnx", tmp_path / "m.trt.onnx"
     export_onnx(model, entry.spec, fp32, opset=17)
-    qinfo = quantize_trt(fp32, qdq, cs.array("calib"))
+    qinfo = quantize_trt(fp32, qdq, compute_ranges(fp32, [cs.array("calib")], method="minmax", cache_dir=False))
     report = qdq_check.check_file(qdq)
     assert report.ok, report.summary()
     assert report.stats["quantized_layers"] >= 10

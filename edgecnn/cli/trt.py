@@ -1,6 +1,6 @@
 """CLI for the TensorRT path: ``check-qdq``, ``trt {check,build,validate,all}`` and ``merge-results``.
 
-``edgecnn trt ...`` runs the very code shipped in bundles as ``edgecnn_trt.py`` (``exporters/trt_device.py``),
+``edgecnn trt ...`` runs the very code shipped in bundles as ``edgecnn_trt.py`` (``exporters/tensorrt/device.py``),
 so a machine with edgecnn and TensorRT builds engines exactly as a bare Jetson does.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from ..errors import GateFailed, InputError, IntegrityError, ToolchainError, Usa
 
 
 def register(sub) -> dict:
-    q = sub.add_parser("check-qdq", help="prove an INT8 Q/DQ ONNX model follows TensorRT's rules (names each violation)")
+    q = sub.add_parser("check-qdq", help="check an INT8 Q/DQ ONNX model against TensorRT's rules: errors (refused by "
+                                         "its parser) and warnings (slower than it could be)")
     q.add_argument("model", nargs="?", help="a Q/DQ .onnx file (e.g. a trt-int8 bundle's model.int8.qdq.onnx)")
     q.add_argument("--max-opset", type=int, default=17, help="highest opset the target TensorRT parses (default 17)")
     q.add_argument("--rules", action="store_true", help="list the rules and exit")
@@ -50,8 +51,8 @@ def _cmd_check_qdq(args) -> int:
         raise InputError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     if not report.ok:
-        raise GateFailed(f"{path}: {len(report.violations)} TensorRT Q/DQ rule violation(s)",
-                         hint="see the list above (rule, node, tensor)")
+        raise GateFailed(f"{path}: {len(report.errors)} error(s): TensorRT's ONNX parser would refuse it",
+                         hint="see the errors above (rule, node, tensor, and the TensorRT requirement)")
     return 0
 
 
@@ -69,22 +70,16 @@ def _cmd_trt(args) -> int:
         if trt is None:
             raise ToolchainError(f"TensorRT is not installed here ({why})",
                                  hint="copy the bundle to the device and run `python3 edgecnn_trt.py all` there")
-    parser = trt_device.build_parser()
-    ns = parser.parse_args(argv)
+    ns = trt_device.build_parser().parse_args(argv)
     try:
-        if ns.command == "check":
-            if trt_device.cmd_check(ns) != 0:
-                raise ToolchainError("this machine cannot build TensorRT engines (see NOT READY above)",
-                                     hint="run on a Jetson or a machine with an NVIDIA GPU and TensorRT")
-            return 0
-        if ns.command == "build":
-            trt_device.cmd_build(ns)
-            return 0
-        code = trt_device.cmd_validate(ns) if ns.command == "validate" else trt_device.cmd_all(ns)
+        code = trt_device.run_command(ns)
     except trt_device.ToolError as exc:
         family = {trt_device.EXIT_USAGE: UsageError, trt_device.EXIT_ENGINE: IntegrityError,
                   trt_device.EXIT_GATE: GateFailed}.get(exc.code, ToolchainError)
         raise family(str(exc), hint=exc.hint) from None
+    if ns.command == "check" and code != 0:
+        raise ToolchainError("this machine cannot build TensorRT engines (see NOT READY above)",
+                             hint="run on a Jetson or a machine with an NVIDIA GPU and TensorRT")
     if code == trt_device.EXIT_GATE:
         raise GateFailed("TensorRT parity gate failed on this device", hint="see the results JSON")
     return code
@@ -102,7 +97,8 @@ def _cmd_merge(args) -> int:
         if p:
             print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | {p.get('runtime', '')}")
         lat = manifest.get("latency") or {}
-        if lat.get("batch1"):
-            print(f"  latency  batch 1 p50 {lat['batch1']['p50_ms']:.3f} ms (GPU time, CUDA events)")
+        timed = lat.get("batch1") or lat.get("throughput")
+        if timed:
+            print(f"  latency  batch {timed['batch']} p50 {timed['p50_ms']:.3f} ms (GPU time, CUDA events)")
     return 0
 

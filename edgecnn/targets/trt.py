@@ -44,6 +44,15 @@ def tensorrt_here() -> tuple:
     return trt, info
 
 
+def _qdq_detail(report) -> str:
+    """One line on the Q/DQ checker's findings: errors (refused by TensorRT's parser) apart from warnings."""
+    s = report.stats
+    text = (f"{report.counts()}; {len(RULES)} rules, {s['quantized_layers']} INT8 Conv/Gemm, "
+            f"{len(s['float_layers'])} float, {s['residual_adds']} residual Adds")
+    first = (report.errors or report.warnings or [None])[0]
+    return text + (f"; first: {first}" if first else "")
+
+
 class TrtTarget(Target):
     name = "trt"
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
@@ -107,13 +116,9 @@ class TrtTarget(Target):
         if ctx.precision == Precision.INT8:
             report = trt_bundle.check_qdq(staging / trt_bundle.MODEL_INT8)
             checks.append({"name": f"TensorRT Q/DQ rules on {trt_bundle.MODEL_INT8}", "passed": report.ok,
-                           "detail": (f"{len(report.violations)} violation(s): {report.violations[0]}" if not report.ok else
-                                      f"{len(RULES)} rules, {report.stats['quantized_layers']} INT8 Conv/Gemm, "
-                                      f"{len(report.stats['float_layers'])} float, {report.stats['residual_adds']} "
-                                      "residual Adds"),
-                           "report": report.to_dict()})
+                           "detail": _qdq_detail(report), "report": report.to_dict()})
             if not report.ok:
-                failures.append(f"{trt_bundle.MODEL_INT8} breaks TensorRT Q/DQ rules: {report.violations[0]}")
+                failures.append(f"{trt_bundle.MODEL_INT8} would be refused by TensorRT's parser: {report.errors[0]}")
             todo.append((trt_bundle.MODEL_INT8, Precision.INT8))
         for name, precision in todo:
             ctx.say(f"onnxruntime check of {name} on {len(ctx.eval_inputs)} held-out images (not TensorRT)")
@@ -146,8 +151,8 @@ class TrtTarget(Target):
         path = Path(bundle) / engine_file
         if not path.exists():
             return None
-        trt_device.check_engine_compatible(str(path), trt_device.parse_version(trt.__version__), info)
-        return trt_device.TrtRunner(str(path), trt, trt_device.Cuda())
+        meta = trt_device.check_engine_compatible(str(path), trt_device.parse_version(trt.__version__), info)
+        return trt_device.TrtRunner(str(path), trt, trt_device.Cuda(), dla_core=meta.get("dla_core"))
 
     def runtime_unavailable_reason(self, manifest: dict) -> str:
         trt, info = tensorrt_here()

@@ -66,25 +66,29 @@ def copy_device_tool(dest_dir: str | os.PathLike) -> list:
     return [DEVICE_TOOL, PARITY_COPY]
 
 
-def build_recipes(precision: str, files: Sequence[str], spec, *, max_batch: int = 8, workspace_mb: int = 1024) -> dict:
+RECIPE_CASES = (("8.5-10.x (GPU)", (8, 5, 2), None), ("11+ (GPU)", (11, 0, 0), None),
+                ("8.5-10.x (DLA core 0, GPU fallback)", (8, 5, 2), 0),
+                ("11.4.1+ (DLA core 0, GPU fallback; AGX Orin, JetPack >= 7.2.2)", (11, 4, 1), 0))
+
+
+def build_recipes(precision: str, files: Sequence[str], spec, *, workspace_mb: int = 1024) -> dict:
     """How ``edgecnn_trt.py build`` will build this bundle, per TensorRT generation, with the trtexec line."""
     out = {}
     shape = (spec.channels, spec.height, spec.width)
-    cases = [("8.5-10.x (GPU)", (8, 5, 2), None), ("11+ (GPU)", (11, 0, 0), None)]
-    if precision != "fp32":
-        cases.append(("8.5-10.x (DLA core 0, GPU fallback)", (8, 5, 2), 0))
-    for label, version, dla in cases:
+    for label, version, dla in RECIPE_CASES:
+        if dla is not None and precision == "fp32":
+            continue
         try:
-            plan = trt_device.build_plan(version, precision, files, dla_core=dla)
+            plan = trt_device.build_plan(version, precision, files, trt_device.BuildSettings(dla=dla))
         except trt_device.ToolError as exc:
             out[label] = {"unsupported": str(exc)}
             continue
-        engine = "model.<gpu>-trt<version>.engine"
         out[label] = {"onnx": plan["onnx"], "strongly_typed": plan["strongly_typed"], "builder_flags": plan["flags"],
                       "cleared_flags": plan["clear_flags"], "calibration_cache": plan["calibration_cache"],
-                      "int8_mode": plan["int8_mode"], "notes": plan["notes"],
-                      "trtexec": trt_device.trtexec_command(plan, engine, spec.name, shape, max_batch=max_batch,
-                                                            workspace_mb=workspace_mb)}
+                      "int8_mode": plan["int8_mode"], "batch_profile": plan["batch_profile"], "notes": plan["notes"],
+                      "trtexec": trt_device.trtexec_command(plan, "model.<gpu>-trt<version>.engine", spec.name, shape,
+                                                            workspace_mb=workspace_mb,
+                                                            calibration_cache="calibration.trt<version>.cache")}
     return out
 
 

@@ -11,7 +11,8 @@ pair per consumer, FP32 bias. What it still leaves is fixed here, after the fact
 * shared DequantizeLinear outputs (any left) are split, one DQ per consumer;
 * opset imports no node uses (``com.microsoft`` and friends) are dropped.
 
-The result is proved by ``exporters.qdq_check`` before it is returned; a violation is a bug and raises.
+The result is checked by ``exporters.tensorrt.qdq_check`` before it is returned; an error (a model
+TensorRT's parser would refuse) is a bug and raises.
 Calibration never writes into the current directory: the augmented model lives in a temporary folder.
 
 ``quantize_trt`` is what the INT8 fallback loop calls repeatedly with growing ``nodes_to_exclude``; pass
@@ -285,7 +286,8 @@ def quantize_trt(fp32_onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         "residual_adds_skip_quantized": len(skip_adds),
         "qdq_pairs": report.stats["qdq_pairs"],
         "fixes": fixes,
-        "checker": {"passed": report.ok, "rules": sorted(qdq_check.RULES), "violations": 0},
+        "checker": {"passed": report.ok, "rules": sorted(qdq_check.RULES), "errors": 0,
+                    "warnings": [str(v) for v in report.warnings]},
     }
 
 
@@ -341,7 +343,8 @@ def _ort_qdq(fp32_path: str, ranges: Dict[str, Tuple[float, float]], to_quantize
 
 def _finish(model: onnx.ModelProto, opset_in: int, out_path: str, max_opset: int,
             metadata: Optional[Dict[str, str]]) -> "qdq_check.QdqReport":
-    """Metadata, onnx.checker, the Q/DQ rule checker, then save; a rule the checker refuses is a bug here."""
+    """Metadata, onnx.checker, the Q/DQ rule checker, then save; a checker error is a bug here (its warnings,
+    if any, go into the record)."""
     opset_out = qdq_check.default_opset(model)
     if opset_out != opset_in:
         raise ExportError(f"onnxruntime changed the opset from {opset_in} to {opset_out}; TensorRT 8.5/8.6 parse <= 17")
@@ -357,8 +360,8 @@ def _finish(model: onnx.ModelProto, opset_in: int, out_path: str, max_opset: int
         raise ExportError(f"the trt Q/DQ model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
     report = qdq_check.check_model(model, path=out_path, max_opset=max_opset)
     if not report.ok:
-        raise ExportError(f"the trt recipe produced a model that breaks TensorRT's Q/DQ rules "
-                          f"({len(report.violations)}): {report.violations[0]}",
+        raise ExportError(f"the trt recipe produced a model TensorRT's parser refuses "
+                          f"({len(report.errors)} error(s)): {report.errors[0]}",
                           hint="this is a bug in edgecnn's trt recipe; please report it with the architecture name")
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out_path)
@@ -395,4 +398,5 @@ class TrtQuantizer:
     def report(self, path: str) -> dict:
         report = qdq_check.check_file(path, max_opset=self.max_opset)
         return {"quantized_layers": report.stats["quantized_layers"], "float_layers": len(report.stats["float_layers"]),
-                "residual_adds": report.stats["residual_adds"], "checker_passed": report.ok}
+                "residual_adds": report.stats["residual_adds"], "checker_passed": report.ok,
+                "checker_warnings": len(report.warnings)}
