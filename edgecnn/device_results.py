@@ -12,10 +12,12 @@ import json
 import shutil
 from dataclasses import fields
 from pathlib import Path
+from typing import Optional
+
+from exporters.parity import Gate, Parity, apply_gate
 
 from . import artefact
 from .errors import GateFailed, InputError, IntegrityError, UsageError
-from exporters.parity import Parity, apply_gate
 
 RESULTS_SCHEMA = "edgecnn-trt-results/1"
 RESULTS_DIR = "device-results"
@@ -48,18 +50,18 @@ def _load_results(path: Path) -> dict:
     return results
 
 
-def _judge(parity_raw: dict, precision: str, trained: bool, min_agreement: float) -> dict:
+def _judge(parity_raw: dict, precision: str, trained: bool, gate: Gate) -> dict:
     names = {f.name for f in fields(Parity)}
     try:
         p = Parity(**{k: v for k, v in parity_raw.items() if k in names and k not in
                       ("gate", "passed", "reason", "judged_on", "notes")})
     except TypeError as exc:
         raise InputError(f"device parity results are incomplete ({exc})") from None
-    p = apply_gate(p, precision, trained, min_agreement)
+    p = apply_gate(p, precision, trained, gate)
     return p.to_dict()
 
 
-def merge_results(bundle: str | Path, results_file: str | Path, *, min_agreement: float = 0.99) -> dict:
+def merge_results(bundle: str | Path, results_file: str | Path, *, gate: Optional[Gate] = None) -> dict:
     """Merge ``results_file`` into ``bundle``'s manifest; returns the new manifest."""
     root, rpath = Path(bundle), Path(results_file)
     manifest = artefact.read_manifest(root)
@@ -92,7 +94,7 @@ def merge_results(bundle: str | Path, results_file: str | Path, *, min_agreement
     tensorrt = manifest.setdefault("tensorrt", {})
     if validation:
         parity = _judge(validation["parity"], manifest["precision"], bool(manifest["weights"].get("pretrained")),
-                        min_agreement)
+                        gate or Gate.from_dict((manifest.get("recipe") or {}).get("gate")))
         parity["runtime"] = f"TensorRT {trt_version} on {gpu} (measured on the device by edgecnn_trt.py)"
         entry["parity"] = parity
         entry["engine"] = validation.get("engine")

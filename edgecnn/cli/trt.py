@@ -27,7 +27,10 @@ def register(sub) -> dict:
     m = sub.add_parser("merge-results", help="merge a device results JSON (edgecnn_trt.py all) into a bundle's manifest")
     m.add_argument("bundle")
     m.add_argument("results", help="results.<gpu>-trt<version>.json from the device")
-    m.add_argument("--int8-min-agreement", type=float, default=0.99)
+    m.add_argument("--int8-max-drop", type=float, default=None, metavar="POINTS",
+                   help="INT8 gate: most top-1 accuracy lost, percentage points (default: the bundle's own gate)")
+    m.add_argument("--int8-min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="opt-in stricter INT8 gate on top-1 agreement (default: the bundle's own gate)")
     m.add_argument("--json", action="store_true")
     return {"check-qdq": _cmd_check_qdq, "trt": _cmd_trt, "merge-results": _cmd_merge}
 
@@ -88,7 +91,13 @@ def _cmd_trt(args) -> int:
 def _cmd_merge(args) -> int:
     from ..device_results import merge_results
 
-    manifest = merge_results(args.bundle, args.results, min_agreement=args.int8_min_agreement)
+    gate = None
+    if args.int8_max_drop is not None or args.int8_min_agreement is not None:
+        from exporters.parity import Gate
+
+        gate = Gate(max_drop=(1.0 if args.int8_max_drop is None else args.int8_max_drop) / 100.0,
+                    min_agreement=args.int8_min_agreement)
+    manifest = merge_results(args.bundle, args.results, gate=gate)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:

@@ -666,6 +666,23 @@ class Bundle(object):
             spec = json.loads(str(z["input_spec"])) if "input_spec" in z.files else self.spec
         return normalize(pixels, spec), reference.astype(np.float32)
 
+    def labels(self):
+        """The reference images' class indices when the export's evaluation set was labelled, else None."""
+        import numpy as np
+
+        path = self.path(self.manifest.get("reference_file", "reference.npz"))
+        with np.load(path, allow_pickle=False) as z:
+            return z["labels"] if "labels" in z.files else None
+
+    def gate(self, max_drop=None, min_agreement=None):
+        """The INT8 gate the export was judged by (the manifest's ``recipe.gate``), with the given overrides."""
+        recorded = dict((self.manifest.get("recipe") or {}).get("gate") or {})
+        if max_drop is not None:
+            recorded["max_drop"] = max_drop / 100.0
+        if min_agreement is not None:
+            recorded["min_agreement"] = min_agreement
+        return _parity().Gate.from_dict(recorded)
+
 
 def normalize(pixels, spec):
     """8-bit N x H x W x C pixels -> float32 N x C x H x W, exactly as calibration.normalize does."""
@@ -1217,14 +1234,16 @@ class TrtRunner(object):
 class ValidateSettings(object):
     """How ``validate_engine`` validates and times: the ``validate`` command's options, same defaults."""
 
-    def __init__(self, min_agreement=0.99, latency=True, runs=200, warmup=20, throughput_batch=8, max_seconds=20.0):
-        self.min_agreement, self.latency, self.runs, self.warmup = min_agreement, latency, runs, warmup
-        self.throughput_batch, self.max_seconds = throughput_batch, max_seconds
+    def __init__(self, max_drop=None, min_agreement=None, latency=True, runs=200, warmup=20, throughput_batch=8,
+                 max_seconds=20.0):
+        # max_drop (percentage points) and min_agreement: None keeps the gate the bundle was exported with
+        self.max_drop, self.min_agreement, self.latency, self.runs = max_drop, min_agreement, latency, runs
+        self.warmup, self.throughput_batch, self.max_seconds = warmup, throughput_batch, max_seconds
 
     @classmethod
     def from_args(cls, args):
-        return cls(min_agreement=args.min_agreement, latency=not args.no_latency, runs=args.runs,
-                   warmup=args.warmup, throughput_batch=args.throughput_batch)
+        return cls(max_drop=args.max_drop, min_agreement=args.min_agreement, latency=not args.no_latency,
+                   runs=args.runs, warmup=args.warmup, throughput_batch=args.throughput_batch)
 
 
 def check_parity(bundle, runner, settings, log):
@@ -1232,8 +1251,8 @@ def check_parity(bundle, runner, settings, log):
     out = runner.run(inputs)
     trained = bool(bundle.manifest.get("weights", {}).get("pretrained"))
     floor = (bundle.manifest.get("parity") or {}).get("fp32_noise_floor")
-    p = _parity().judge(reference, out, bundle.precision, trained, min_agreement=settings.min_agreement,
-                        noise_floor=floor).to_dict()
+    p = _parity().judge(reference, out, bundle.precision, trained, labels=bundle.labels(),
+                        gate=bundle.gate(settings.max_drop, settings.min_agreement), noise_floor=floor).to_dict()
     log("parity %s: %s | max rel err %.2e, cosine %.6f, SQNR %.1f dB, top-1 agree %.1f%% on %d reference images%s"
         % (p["gate"], "PASS" if p["passed"] else "FAIL", p["max_rel_error"], p["cosine"], p["sqnr_db"],
            p["top1_agreement"] * 100, p["samples"],
@@ -1344,7 +1363,10 @@ def _validate_options():
     v.add_argument("--warmup", type=int, default=20, help="untimed runs before timing (default 20)")
     v.add_argument("--throughput-batch", type=int, default=8)
     v.add_argument("--no-latency", action="store_true")
-    v.add_argument("--min-agreement", type=float, default=0.99)
+    v.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="INT8 gate: most top-1 accuracy lost, percentage points (default: the bundle's, 1.0)")
+    v.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="opt-in stricter INT8 gate on top-1 agreement (default: the bundle's, none)")
     v.add_argument("--results", default=None, help="results JSON path (default results.<gpu>-trt<ver>.json)")
     return v
 
