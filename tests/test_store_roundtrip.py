@@ -67,9 +67,9 @@ def test_publish_ls_pull_round_trip(kind, target, bundles, tmp_path, http_serve,
     assert artefact.verify(got)["files"] == manifest["files"]            # every file, same sha256
     assert (got / "manifest.json").read_bytes() == (bundle / "manifest.json").read_bytes()
     if target == "onnx":   # the pulled model runs and still matches its PyTorch reference
-        from edgecnn.validate.bundle import validate_bundle
+        from edgecnn.pipeline import validate
 
-        assert validate_bundle(got, latency=False)["status"] == "validated"
+        assert validate(got, latency=False)["status"] == "validated"
 
     code, out, err = run(capsys, "pull", "lenet5", "--target", target, "--precision", precision, "--from", read,
                          "--to", str(dest), "--quiet", *pending, *extra)
