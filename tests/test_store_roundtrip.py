@@ -94,7 +94,7 @@ def test_default_pull_takes_latest_validated_and_lock_pins_it(bundles, tmp_path,
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     v2 = [e for e in index["artefacts"] if e["version"] == "2"][0]
     assert pin == {"arch": "lenet5", "target": "onnx", "precision": "fp32", "version": "2", "sha256": v2["sha256"],
-                   "status": "validated"}
+                   "manifest_sha256": v2["manifest_sha256"], "status": "validated"}
     # pin version 1 instead, then a CI-style pull from the lock file alone
     code, out, _ = run(capsys, "lock", "add", "lenet5", "--version", "1", "--from", store, "--lock", "app.lock")
     assert code == 0 and "version 1" in out
