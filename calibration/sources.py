@@ -11,7 +11,6 @@ import math
 import os
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np

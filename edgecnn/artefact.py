@@ -21,7 +21,7 @@ import stat
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 from .errors import IntegrityError, OutputError
 from .manifest import READABLE_VERSIONS, REQUIRED_ALWAYS, SCHEMA_VERSION, problems

@@ -141,8 +141,6 @@ def _check_type(value, kind) -> bool:
     if origin in (list, List):
         inner = typing.get_args(kind)[0] if typing.get_args(kind) else Any
         return isinstance(value, list) and (inner is Any or all(_check_type(v, inner) for v in value))
-    if dataclasses.is_dataclass(kind):
-        return isinstance(value, dict) and not _record_problems(value, kind, "")
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -199,8 +197,7 @@ def _path_problems(manifest: dict) -> List[str]:
             out.append(f"files[{rel!r}] points outside the bundle")
         elif not is_bundle_path(rel) or rel == "manifest.json":
             out.append(f"files[{rel!r}] is not a file path inside the bundle")
-        elif not isinstance(meta, dict) or not SHA256.fullmatch(str(meta.get("sha256", ""))) \
-                or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool) or meta["bytes"] < 0:
+        elif _record_problems(meta, FileRecord, "") or not SHA256.fullmatch(meta["sha256"]) or meta["bytes"] < 0:
             out.append(f"files[{rel!r}] must be {{sha256: 64 hex digits, bytes: integer >= 0}}")
     for key in ("labels_file", "reference_file", "model_file"):
         value = manifest.get(key)

@@ -7,7 +7,6 @@ add N x 0.6 MB).
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess

@@ -12,7 +12,7 @@ import pytest
 from edgecnn import artefact
 from edgecnn.cli import main
 from edgecnn.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, OutputError, UsageError
-from edgecnn.store import LocalStore, archive, index as idx, open_store, publish, pull
+from edgecnn.store import LocalStore, archive, open_store, publish, pull
 
 from store_helpers import (bundles, evil_archive, http_serve, leftovers, onnx_bundle, plant,  # noqa: F401
                            relabelled, s3_endpoint, s3_store_url, staging_dirs)

@@ -328,12 +328,16 @@ class S3Store(Store):
             except FileNotFoundError:
                 return None, None
             try:
-                return await resp["Body"].read(), resp.get("ETag")
+                return await resp["Body"].read(idx.MAX_INDEX_BYTES + 1), resp.get("ETag")
             finally:
                 resp["Body"].close()
 
         with self._errors(f"reading {name}"):
-            return sync(self.fs.loop, get)
+            data, etag = sync(self.fs.loop, get)
+        if data is not None and len(data) > idx.MAX_INDEX_BYTES:
+            raise IntegrityError(f"{self.url}/{name} is over the {idx.MAX_INDEX_BYTES:,}-byte limit for a store index",
+                                 hint="is the address right?")
+        return data, etag
 
     def _read_index_bytes(self, missing_ok: bool = False) -> Optional[bytes]:
         return self._get_with_etag(idx.INDEX)[0]
