@@ -39,7 +39,7 @@ def test_lite0_classifies_real_photos_sensibly(lite0):
 
 
 def test_random_init_mobilenet_v3_gets_realistic_activations_after_bn_reestimation():
-    entry = zoo.resolve("mobilenet_v3_large")
+    entry = zoo.resolve("mobilenet_v3_small")   # the large one behaves the same (logits ~1e-9 before), at 4x the cost
     model, info = weights.build(entry, "none")
     cs = CalibrationSet.create(None, entry.spec, cache=False, calib_size=16, eval_size=4)
     x = torch.from_numpy(cs.array("eval", limit=4))
