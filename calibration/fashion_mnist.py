@@ -14,14 +14,17 @@ from upstream's: we check the IDX headers and sizes instead.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
-from .errors import CalibrationError
+from .errors import BadImageError, CalibrationError
+from .images import open_regular
 
 ENV_VAR = "EDGECNN_FASHION_MNIST"
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -31,6 +34,7 @@ CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 # Pixel statistics of the 60,000 training images (x / 255), used to normalise inputs of nets trained on them.
 MEAN, STD = 0.2860, 0.3530
 SIZES = {"train": 60_000, "test": 10_000}
+MAX_IDX_BYTES = 256 << 20   # the largest file (train images) is 47 MB
 _PREFIX = {"train": "train", "test": "t10k"}
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): only unsigned bytes are used by (Fashion-)MNIST.
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -67,11 +71,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """One IDX file (gzipped or plain) -> ndarray of its type and shape; CalibrationError if malformed."""
     path = Path(path)
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as exc:
+        with open_regular(str(path), "an IDX file") as raw:
+            f = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+            data = f.read(MAX_IDX_BYTES + 1)   # bounded: a gzip bomb stops here
+    except BadImageError as exc:
+        raise CalibrationError(str(exc), hint=INSTALL_HINT, path=str(path)) from None
+    except (OSError, EOFError, zlib.error) as exc:
         raise CalibrationError(f"{path}: cannot read IDX file ({exc})", hint=INSTALL_HINT, path=str(path)) from None
+    if len(data) > MAX_IDX_BYTES:
+        raise CalibrationError(f"{path}: over the {MAX_IDX_BYTES:,}-byte limit for an IDX file", hint=INSTALL_HINT,
+                               path=str(path))
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise CalibrationError(f"{path}: not an IDX file (bad magic number)", hint=INSTALL_HINT, path=str(path))
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -79,7 +88,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < header:
         raise CalibrationError(f"{path}: truncated IDX header", hint=INSTALL_HINT, path=str(path))
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise CalibrationError(f"{path}: IDX file holds {len(data)} bytes, its header promises {expected} "
                                f"(shape {shape})", hint="the file is truncated or damaged; reinstall it", path=str(path))

@@ -6,17 +6,29 @@ palette/alpha images and animated GIFs must all come out as the RGB (or grey) pi
 """
 from __future__ import annotations
 
+import io
 import os
+import stat
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import BadImageError
 from .spec import InputSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 MAX_PIXELS = 50_000_000  # a "huge" image beyond this is refused rather than exhausting memory
+# A 1 x 49,000,000 strip is under MAX_PIXELS, but resizing its short side to 256 px makes it 12.5 Gpx. The widest
+# real photos (panoramas) are about 10:1; 100:1 keeps every resize under 256 x 25,600 px.
+MAX_ASPECT = 100
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` is that is not a regular file, in words."""
+    return next((words for test, words in _KINDS if test(mode)), "not a regular file")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -43,17 +55,39 @@ def _to_8bit_rgb_or_grey(img: Image.Image, color: str) -> Image.Image:
     return img.convert("RGB" if color == "RGB" else "L")
 
 
+def open_regular(path: str, what: str = "an image file") -> io.BufferedReader:
+    """``path`` opened for reading once it is known to be a regular file: opened without blocking (a FIFO would
+    block ``open`` forever) and checked with ``fstat`` (``/dev/zero`` would never end). BadImageError otherwise;
+    OSError (missing, permissions, a link loop) passes through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadImageError(f"{path}: {file_kind(mode)}, not {what}", hint="leave it out of the calibration set", path=path)
+    os.set_blocking(fd, True)
+    raw = io.FileIO(fd, "rb")
+    raw.name = path   # what PIL and error messages show
+    return io.BufferedReader(raw)
+
+
+def _check_size(img: Image.Image, path: str) -> None:
+    if img.width * img.height > MAX_PIXELS:
+        raise BadImageError(f"{path}: image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel limit",
+                            hint="downscale it or leave it out of the calibration set", path=path)
+    if max(img.width, img.height) > MAX_ASPECT * min(img.width, img.height):
+        raise BadImageError(f"{path}: image is {img.width}x{img.height}, more than {MAX_ASPECT}:1 (resizing its "
+                            f"short side would make it enormous)", hint="crop it or leave it out of the "
+                            "calibration set", path=path)
+
+
 def load_image(path: str | os.PathLike, color: str = "RGB") -> Image.Image:
     """Read ``path`` as an upright 8-bit RGB (or L) image; raise BadImageError naming the path."""
     path = os.fspath(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as f:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise BadImageError(
-                        f"{path}: image is {img.width}x{img.height}, over the {MAX_PIXELS:,}-pixel limit",
-                        hint="downscale it or leave it out of the calibration set", path=path)
+            with Image.open(f) as img:
+                _check_size(img, path)
                 img.seek(0)  # animated GIF/WebP: the first frame
                 img.load()
                 img = ImageOps.exif_transpose(img)  # phone photos: honour the EXIF orientation
@@ -67,8 +101,10 @@ def load_image(path: str | os.PathLike, color: str = "RGB") -> Image.Image:
         raise BadImageError(f"{path}: file not found", path=path) from None
     except PermissionError:
         raise BadImageError(f"{path}: permission denied", hint="make it readable", path=path) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = "empty file" if os.path.exists(path) and os.path.getsize(path) == 0 else str(exc) or type(exc).__name__
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+        reason = ("empty file" if os.path.isfile(path) and os.path.getsize(path) == 0 else
+                  "not an image format PIL can read" if isinstance(exc, UnidentifiedImageError) else
+                  str(exc) or type(exc).__name__)
         raise BadImageError(f"{path}: cannot decode image ({reason})",
                             hint="re-save or remove it (without --strict-calib bad files are skipped)", path=path) from None
 

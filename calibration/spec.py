@@ -6,6 +6,7 @@ manifests write it down for app engineers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence, Tuple
 
@@ -122,6 +123,8 @@ def derive_spec(base: InputSpec, *, size: Optional[int] = None, resize: Optional
         if len(values) != base.channels:
             raise ValueError(f"{name} needs 1 or {base.channels} values for a {base.channels}-channel input, "
                              f"got {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name} values must be finite numbers, not {', '.join(map(str, values))}")
         if name == "std" and any(v <= 0 for v in values):
             raise ValueError("std values must be positive")
         changes[name] = values

@@ -2,9 +2,12 @@
 
 Every failure a user can cause or meet ends as one line: what went wrong, where, and what to do
 (``hint``), with an exit code from its family so scripts can tell them apart. Tracebacks only with
-``--debug``.
+``--debug``. The line is escaped for the terminal (``edgecnn.safe_text``): messages quote file names, index
+entries and manifest fields that someone else may have written.
 """
 from __future__ import annotations
+
+from .safe_text import printable
 
 # Exit-code families (documented in README "Exit codes").
 EXIT_USAGE = 2         # unknown arch/target/precision, bad option or combination
@@ -26,7 +29,7 @@ class EdgeError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        return f"error: {self.message}" + (f" — {self.hint}" if self.hint else "")
+        return printable(f"error: {self.message}" + (f" — {self.hint}" if self.hint else ""))
 
 
 class UsageError(EdgeError):
@@ -35,6 +38,10 @@ class UsageError(EdgeError):
 
 class InputError(EdgeError):
     exit_code, family = EXIT_INPUT, "input"
+
+
+class NetworkError(InputError):
+    """A store could not be reached or stopped sending: worth retrying (a bounded number of times)."""
 
 
 class OutputError(EdgeError):

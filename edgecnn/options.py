@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Optional, Tuple
@@ -24,6 +25,11 @@ ONNX_EXPORTERS = ("auto", "torchscript", "dynamo")
 W8A8_SCHEMES = ("affine", "symmetric")
 IOS_VERSIONS = (16, 17, 18)
 MAX_THREADS_PER_CORE = 4     # more latency threads than this per core only measures contention
+
+
+def max_threads() -> int:
+    """The most latency threads worth asking for on this machine."""
+    return MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
 
 
 @dataclass
@@ -76,13 +82,29 @@ class ExportOptions:
         for name in ("calib_size", "eval_size"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.threads < 1:
-            raise UsageError(f"threads={self.threads} must be >= 1")
+        if not 1 <= self.threads <= max_threads():
+            raise UsageError(f"threads={self.threads} must be 1 to {max_threads()} ({MAX_THREADS_PER_CORE} per core "
+                             f"here)")
+        for key, value in _numbers(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"{key}={value!r} is not a finite number")
+            if key.endswith(("_seconds", "_images", "_batch", "min_speedup")) and value < 0:
+                raise UsageError(f"{key}={value!r} must be >= 0")
         try:
             self.int8.check()
         except ValueError as exc:
             raise UsageError(str(exc), hint="`edgecnn export --help` lists the target options") from None
         return self
+
+
+def _numbers(options) -> Iterable[Tuple[str, Any]]:
+    """("section.name", value) for every number in ``options`` and its sections (bools are not numbers)."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from ((f"{f.name}.{k}", v) for k, v in _numbers(value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f.name, value
 
 
 SECTIONS = {"int8": Int8Options, "trt": TrtOptions, "coreml": CoreMLOptions}

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from calibration import CalibrationError, CalibrationSet, InputSpec
+from calibration.sources import read_text_lines
 from exporters import ExportError, ModelFileError, Precision
 
 from . import artefact, targets, weights as weights_mod, zoo
@@ -284,11 +285,10 @@ def _write_errors_to_output_error(final: Path):
 
 def _labels(entry, num_classes: int, labels_file: Optional[str]) -> list:
     if labels_file:
-        try:
-            labels = [ln.rstrip("\n") for ln in Path(labels_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except OSError as exc:
-            raise InputError(f"cannot read labels file {labels_file} ({exc.strerror})",
-                             hint="pass a text file with one label per line, in class-index order") from None
+        try:   # UTF-8 (a BOM dropped), a regular file of bounded size; else one line naming the file and line
+            labels = [ln for ln in read_text_lines(labels_file, "labels file") if ln.strip()]
+        except CalibrationError as exc:
+            raise InputError(str(exc), hint="pass a text file with one label per line, in class-index order") from None
         if len(labels) != num_classes:
             raise InputError(f"{labels_file} has {len(labels)} labels but the model has {num_classes} classes",
                              hint="one label per line, in class-index order")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, UsageError
+from .safe_files import open_regular
 from .zoo import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ def packaged_weights_file(entry: ModelEntry) -> Optional[Path]:
 def build(entry: ModelEntry, weights: str = "auto", *, num_classes: Optional[int] = None,
           trust_checkpoint: bool = False) -> tuple:
     """(module in eval mode, WeightsInfo) for ``entry`` and the ``weights`` source."""
+    if weights is not None and not weights.strip():   # `make WEIGHTS=` with the variable unset: never random
+        raise UsageError("--weights is empty", hint="pass auto, imagenet, none or a checkpoint path (an unset "
+                         "variable in a script or a make command?)")
     w = (weights or "auto").strip()
     if w in ("none", "random"):
         return _random(entry, num_classes, reason="asked for random init")
@@ -204,12 +208,18 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
         raise InputError(f"checkpoint not found: {path}", hint="check the path, or use WEIGHTS=auto|imagenet|none")
     if p.is_dir():
         raise InputError(f"checkpoint path is a folder: {path}", hint="pass the .pt/.pth file")
+    _check_file_kind(p, path)
     obj = _load_checkpoint(p, path, trust)
     try:
         state = _unwrap_state_dict(obj)
     except ValueError:
         raise InputError(f"{path}: no state dict inside (found {type(obj).__name__})",
                          hint="save with torch.save(model.state_dict(), path)") from None
+    complex_ = [k for k, v in state.items() if torch.is_tensor(v) and v.is_complex()]
+    if complex_:   # loading would drop the imaginary part with a raw torch warning
+        raise InputError(f"{path}: checkpoint holds complex-valued tensors ({len(complex_)}, e.g. "
+                         f"{', '.join(complex_[:2])})", hint="a CNN's weights are real numbers: is it a checkpoint of "
+                         "another kind of model?")
     bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:  # an Inf weight can still give finite (wrong) outputs after tanh/clamp: refuse it at the source
         raise InputError(f"{path}: checkpoint holds NaN/Inf values ({len(bad)} tensor(s), e.g. {', '.join(bad[:2])})",
@@ -225,18 +235,124 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
                                      sha256=file_sha256(p), num_classes=n)
 
 
+def _check_file_kind(p: Path, path: str) -> None:
+    """Name what the file is when it is not a checkpoint torch could read: a device or a FIFO (torch would read
+    forever or block), an empty file, an ONNX model or a TorchScript archive (re-exported, not loaded)."""
+    try:
+        with open_regular(p, error=InputError) as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read checkpoint ({exc.strerror or exc})", hint="check its permissions") from None
+    except InputError as exc:
+        raise InputError(f"checkpoint {exc.message}", hint="pass the .pt/.pth file torch.save wrote") from None
+    if not head:
+        raise InputError(f"{path}: cannot read checkpoint (an empty file, 0 bytes)",
+                         hint="the file is truncated or not a PyTorch checkpoint: re-save it with "
+                              "torch.save(model.state_dict(), path)")
+    if _is_onnx(p, head):
+        raise InputError(f"{path} is an ONNX model, not a PyTorch checkpoint",
+                         hint="edgecnn exports from PyTorch weights: pass the .pt/.pth file the ONNX model was made from")
+    if head.startswith(b"PK\x03\x04") and _is_torchscript(p):
+        raise InputError(f"{path} is a TorchScript archive (torch.jit.save), not a weights checkpoint",
+                         hint="save its weights with torch.save(torch.jit.load(path).state_dict(), 'weights.pt')")
+
+
+def _is_onnx(p: Path, head: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 (ir_version) as a varint; confirmed by parsing it."""
+    if not head.startswith(b"\x08"):
+        return False
+    try:
+        import onnx
+
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:   # noqa: BLE001 - not ONNX after all
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
+def _is_torchscript(p: Path) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _torch_load(p: Path, weights_only: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's pickle-protocol notes would break the one-line report
         return torch.load(p, map_location="cpu", weights_only=weights_only)
 
 
+# Modules whose functions a pickle can call to run commands or code: a pickle importing one is an attack or an
+# accident, never a model, so --trust-checkpoint is not offered for it.
+_CODE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code",
+                 "codeop", "ctypes", "pickle", "marshal", "webbrowser", "multiprocessing", "signal", "tempfile", "io",
+                 "pathlib", "commands", "platform", "asyncio", "types", "functools", "operator", "timeit", "pdb")
+_CODE_BUILTINS = ("eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "__import__", "globals",
+                  "locals", "vars", "input", "breakpoint", "apply", "execfile", "memoryview")
+
+
+def _runs_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return attr in _CODE_BUILTINS
+    return module.split(".")[0] in _CODE_MODULES
+
+
 def _unsafe_globals(p: Path) -> list:
-    """The Python objects a pickle would import (torch lists them without running anything)."""
+    """The Python objects a pickle would import, read without running anything (torch's own lister for its zip
+    format, the pickle's opcodes for the legacy format)."""
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(p))
-    except Exception:  # older torch, or not a torch zip file: the names are a nicety
-        return []
+    except Exception:  # noqa: BLE001 - the legacy (pre-1.6) format: read its opcodes
+        return _pickle_globals(p)
+
+
+def _pickle_globals(p: Path) -> list:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in the pickles of a legacy torch file (strings pushed for
+    STACK_GLOBAL are tracked through the memo). Empty when the file is not a sequence of pickles."""
+    import io
+    import pickletools
+
+    data, names = p.read_bytes(), []
+    f = io.BytesIO(data)
+    while f.tell() < len(data):
+        strings, memo = [], {}
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+                    strings.append(memo[arg])
+        except Exception:  # noqa: BLE001 - the tensor storage after the pickles, or not a pickle at all
+            break
+    return sorted(set(names))
+
+
+def _refusal(path: str, names: list) -> InputError:
+    """The one line for a pickle that weights-only loading refused: --trust-checkpoint is suggested only for a
+    genuine full-model pickle (torch.nn modules, nothing that can run commands)."""
+    code = [n for n in names if _runs_code(n)]
+    if code:
+        return InputError(f"{path}: refusing a pickle that calls {', '.join(code[:3])} when loaded",
+                          hint="this file runs code or commands when unpickled: do not load it; ask its author for "
+                               "the weights alone (torch.save(model.state_dict(), path))")
+    if any(n.startswith("torch.nn.modules.") for n in names):
+        return InputError(f"{path}: not a weights-only checkpoint (it pickles Python objects: {', '.join(names[:3])})",
+                          hint="re-save it with torch.save(model.state_dict()), or pass --trust-checkpoint if you "
+                               "trust who made it (loading runs its code)")
+    what = f": {', '.join(names[:3])}" if names else ""
+    return InputError(f"{path}: not a weights-only checkpoint (it pickles Python objects{what})",
+                      hint="re-save the weights alone with torch.save(model.state_dict(), path)")
 
 
 def _load_checkpoint(p: Path, path: str, trust: bool):
@@ -260,12 +376,7 @@ def _load_checkpoint(p: Path, path: str, trust: bool):
         if "weights only load failed" not in str(exc).lower():
             raise unreadable(exc) from None
         if not trust:
-            names = _unsafe_globals(p)
-            what = f"it pickles Python objects: {', '.join(names[:3])}" if names else \
-                "it pickles Python objects, e.g. a whole model"
-            raise InputError(f"{path}: not a weights-only checkpoint ({what})",
-                             hint="re-save it with torch.save(model.state_dict()), or pass --trust-checkpoint "
-                                  "if you trust who made it (loading runs its code)") from None
+            raise _refusal(path, _unsafe_globals(p)) from None
     except MemoryError:
         raise InputError(f"{path}: checkpoint too large to load in memory", hint="is it really a weights file?") from None
     except Exception as exc:  # noqa: BLE001 - every other failure means "cannot read this file"

@@ -97,17 +97,15 @@ def test_split_calibration_gives_the_fallback_a_probe_of_unseen_groups():
 def test_fallback_probe_survives_a_half_of_unreadable_files(field_folder, tmp_path):
     """When every readable calibration image lands on one side of the probe split, the INT8 fallback uses
     the undivided probe (skipping the bad files, by path) instead of failing the export."""
-    from types import SimpleNamespace
-
-    from edgecnn.targets import ExportOptions
-    from edgecnn.targets.int8 import search_data
+    from exporters.int8.engine import search_data
+    from exporters.int8.options import Int8Options
 
     cs = CalibrationSet.create(field_folder, SPEC, calib_size=0, eval_size=0, cache=False)
     good = next(i for i in cs.calib_items + cs.eval_items if i.id.endswith("rgb0.jpg"))
     bad = [i for i in cs.calib_items + cs.eval_items if i.id.endswith(("corrupt.jpg", "fake.png", "empty.png"))]
     only_one_good = CalibrationSet(spec=SPEC, source=str(field_folder), calib_items=[good, *bad], eval_items=[])
-    data = search_data(SimpleNamespace(calib=only_one_good, options=ExportOptions()))
+    data = search_data(only_one_good, Int8Options())
     assert not data.split and len(data.probe) == 1
     assert any("corrupt.jpg" in s or "fake.png" in s or "empty.png" in s for s in only_one_good.skipped)
     ok = CalibrationSet.create(None, SPEC, calib_size=0, eval_size=0, cache=False)
-    assert search_data(SimpleNamespace(calib=ok, options=ExportOptions())).split
+    assert search_data(ok, Int8Options()).split

@@ -7,7 +7,6 @@ add N x 0.6 MB).
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
@@ -80,16 +79,16 @@ def _export(tmp_path: Path, out: Path, calib: Path, preexec_fn=None, extra=()):
 
 
 def test_no_temp_files_after_success_or_failure(tmp_path):
-    """Success: TMPDIR holds nothing of ours; the output folder only the bundle and its lock file.
-    Failure while writing (RLIMIT_FSIZE 100 kB: LeNet-5's 250 kB model cannot be written): the same,
-    minus the bundle. The calibration cache holds only finished .npy entries (no .tmp files)."""
+    """Success: TMPDIR holds nothing of ours; the output folder only the bundle (the lock file is removed).
+    Failure while writing (RLIMIT_FSIZE 100 kB: LeNet-5's 250 kB model cannot be written): nothing at all in
+    the output folder (not even the <arch> folder the export created). The calibration cache holds only finished .npy entries (no .tmp files)."""
     calib = tmp_path / "calib"
     write_photos(calib, 16, size=(120, 90))
     out = tmp_path / "out"
     ok, left = _export(tmp_path, out, calib)
     assert ok.returncode == 0, ok.stderr
     assert left == [], f"temporary files left after a successful export: {left}"
-    assert sorted(p.name for p in (out / "lenet5").iterdir()) == [".onnx-fp32.lock", "onnx-fp32"]
+    assert sorted(p.name for p in (out / "lenet5").iterdir()) == ["onnx-fp32"]
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -98,6 +97,6 @@ def test_no_temp_files_after_success_or_failure(tmp_path):
     bad, left = _export(tmp_path, out2, calib, preexec_fn=limit)
     assert bad.returncode == 4, bad.stderr
     assert left == [], f"temporary files left after a failed export: {left}"
-    assert sorted(p.name for p in (out2 / "lenet5").iterdir()) == [".onnx-fp32.lock"]
+    assert not (out2 / "lenet5").exists(), sorted(p.name for p in out2.rglob("*"))
     cache = tmp_path / "cache"
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name], "half-written cache entries"

@@ -10,7 +10,6 @@ import pytest
 from edgecnn import artefact
 from edgecnn.errors import IntegrityError
 from edgecnn.store import archive, index as idx
-from edgecnn.targets import _ALIASES
 
 from store_helpers import bundles, evil_archive, onnx_bundle  # noqa: F401  (fixtures)
 
@@ -84,11 +83,6 @@ def test_corrupt_archive_is_refused(onnx_bundle, tmp_path):
     out.mkdir()
     with pytest.raises(IntegrityError, match="not a readable .tar.gz"):
         archive.safe_extract(tmp_path / "cut.tar.gz", out)
-
-
-def test_store_target_aliases_match_the_registry():
-    # edgecnn.store keeps its own copy (pull must not import onnx); they must not drift apart
-    assert idx.TARGET_ALIASES == _ALIASES
 
 
 def test_versions_order_and_next():

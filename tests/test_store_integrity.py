@@ -12,7 +12,7 @@ import pytest
 from edgecnn import artefact
 from edgecnn.cli import main
 from edgecnn.errors import EXIT_INTEGRITY, EXIT_USAGE, IntegrityError, OutputError, UsageError
-from edgecnn.store import LocalStore, archive, index as idx, open_store, publish, pull
+from edgecnn.store import LocalStore, archive, open_store, publish, pull
 
 from store_helpers import (bundles, evil_archive, http_serve, leftovers, onnx_bundle, plant,  # noqa: F401
                            relabelled, s3_endpoint, s3_store_url, staging_dirs)
@@ -83,7 +83,7 @@ def test_failed_pull_keeps_the_previous_copy(published, onnx_bundle, tmp_path):
     pull(store, "lenet5", "onnx", "fp32", to=dest, quiet=True)
     other = relabelled(onnx_bundle, tmp_path / "v2" / "lenet5" / "onnx-fp32")
     e2 = publish(other, store, "2").entry
-    (store.root / e2["archive"]).write_bytes(b"\x1f\x8b" + b"junk" * 100)
+    (store.root / e2["archive"]).write_bytes(b"\x1f\x8b" + b"j" * (e2["bytes"] - 2))   # same size, other bytes
     with pytest.raises(IntegrityError, match="archive sha256 mismatch"):
         pull(store, "lenet5", "onnx", "fp32", to=dest, quiet=True)
     got = artefact.bundle_dir(dest, "lenet5", "onnx", "fp32")

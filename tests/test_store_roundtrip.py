@@ -67,9 +67,9 @@ def test_publish_ls_pull_round_trip(kind, target, bundles, tmp_path, http_serve,
     assert artefact.verify(got)["files"] == manifest["files"]            # every file, same sha256
     assert (got / "manifest.json").read_bytes() == (bundle / "manifest.json").read_bytes()
     if target == "onnx":   # the pulled model runs and still matches its PyTorch reference
-        from edgecnn.validate.bundle import validate_bundle
+        from edgecnn.pipeline import validate
 
-        assert validate_bundle(got, latency=False)["status"] == "validated"
+        assert validate(got, latency=False)["status"] == "validated"
 
     code, out, err = run(capsys, "pull", "lenet5", "--target", target, "--precision", precision, "--from", read,
                          "--to", str(dest), "--quiet", *pending, *extra)
@@ -94,7 +94,7 @@ def test_default_pull_takes_latest_validated_and_lock_pins_it(bundles, tmp_path,
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     v2 = [e for e in index["artefacts"] if e["version"] == "2"][0]
     assert pin == {"arch": "lenet5", "target": "onnx", "precision": "fp32", "version": "2", "sha256": v2["sha256"],
-                   "status": "validated"}
+                   "manifest_sha256": v2["manifest_sha256"], "status": "validated"}
     # pin version 1 instead, then a CI-style pull from the lock file alone
     code, out, _ = run(capsys, "lock", "add", "lenet5", "--version", "1", "--from", store, "--lock", "app.lock")
     assert code == 0 and "version 1" in out

@@ -39,16 +39,16 @@ def test_lite0_classifies_real_photos_sensibly(lite0):
 
 
 def test_random_init_mobilenet_v3_gets_realistic_activations_after_bn_reestimation():
-    entry = zoo.resolve("mobilenet_v3_large")
+    entry = zoo.resolve("mobilenet_v3_small")   # the large one behaves the same (logits ~1e-9 before), at 4x the cost
     model, info = weights.build(entry, "none")
-    cs = CalibrationSet.create(None, entry.spec, cache=False)
+    cs = CalibrationSet.create(None, entry.spec, cache=False, calib_size=16, eval_size=4)
     x = torch.from_numpy(cs.array("eval", limit=4))
     with torch.no_grad():
         before = model(x).abs().max().item()
-    used = weights.reestimate_batchnorm(model, cs.iter_batches("calib", 16), max_images=32)
+    used = weights.reestimate_batchnorm(model, cs.iter_batches("calib", 8), max_images=16)
     with torch.no_grad():
         after = model(x).abs().max().item()
-    assert used == 32 and not info.pretrained
+    assert used == 16 and not info.pretrained
     assert before < 1e-3 < after  # torchvision's init makes logits vanish; re-estimated BN restores scale
 
 
@@ -97,24 +97,44 @@ def test_auto_never_reaches_for_the_network_and_says_random():
     assert info.source == "random" and not info.pretrained
 
 
-def test_random_init_damps_residual_branches_and_is_not_chaotic():
-    """Random-init residual nets get their branches damped so FP32 stays close to FP64 (meaningful parity).
+def test_damping_scales_the_last_norm_of_every_residual_branch():
+    """Random init damps exactly one BatchNorm per residual branch (MobileNetV2 has 10), by RESIDUAL_DAMPING."""
+    entry = zoo.resolve("mobilenet_v2")
+    model, info = weights.build(entry, "none")
+    fresh = entry.builder(num_classes=entry.num_classes)
+    residual = [m for m in model.modules() if getattr(m, "use_res_connect", False)]
+    assert len(residual) == 10 and any("10 residual branches damped" in n for n in info.notes)
+    damped = {id(bn) for bn in weights._residual_branch_norms(model)}
+    for block, block0 in zip(residual, [m for m in fresh.modules() if getattr(m, "use_res_connect", False)]):
+        last, last0 = block.conv[-1], block0.conv[-1]
+        assert id(last) in damped
+        assert torch.allclose(last.weight, last0.weight * weights.RESIDUAL_DAMPING)
 
-    Undamped, random EfficientNet-B1's PyTorch FP32 output is 3e-4 (relative) from FP64 and B5's 12%."""
+
+def _fp32_vs_fp64(arch: str, damp: bool) -> float:
     import copy
 
-    from calibration import CalibrationSet
-
-    entry = zoo.resolve("efficientnet_b1")
-    model, info = weights.build(entry, "none")
-    assert any("residual branches damped" in n for n in info.notes)
+    entry = zoo.resolve(arch)
+    if damp:
+        model, _ = weights.build(entry, "none")
+    else:
+        torch.manual_seed(weights.RANDOM_SEED)
+        model = entry.builder(num_classes=entry.num_classes).eval()
     cs = CalibrationSet.create(None, entry.spec, calib_size=16, eval_size=4)
     weights.reestimate_batchnorm(model, cs.iter_batches("calib", 16), max_images=16)
     x = torch.as_tensor(cs.array("eval"))
     with torch.no_grad():
         y32 = model(x).double()
         y64 = copy.deepcopy(model).double()(x.double())
-    assert float((y32 - y64).norm() / y64.norm()) < 2e-5
+    return float((y32 - y64).norm() / y64.norm())
+
+
+@pytest.mark.slow
+def test_random_init_damps_residual_branches_and_is_not_chaotic():
+    """Damped, random EfficientNet-B1's PyTorch FP32 output stays close to FP64 (meaningful parity), and closer
+    than undamped (measured 1.2e-6 vs 6.0e-6; deeper nets diverge far more: B5 undamped is 12% off)."""
+    damped, undamped = _fp32_vs_fp64("efficientnet_b1", True), _fp32_vs_fp64("efficientnet_b1", False)
+    assert damped < 2e-5 and damped < undamped / 3, (damped, undamped)
 
 
 def test_pretrained_weights_are_never_damped():

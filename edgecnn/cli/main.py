@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from typing import List, Optional
 
 from ..errors import EXIT_INTERRUPTED, EXIT_USAGE, EdgeError, Interrupted
 from . import matrix as matrix_cli, store as store_cli, trt as trt_cli
-from .options import EPILOG, add_export_options, count, options_from_args
+from ..safe_text import printable
+from .options import EPILOG, add_export_options, count, options_from_args, threads, utf8_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +49,7 @@ def _add_export(sub) -> None:
                    help="evaluation images of your own, never calibrated on: a folder, an ImageFolder tree (one "
                         "folder per class, named after the labels: the INT8 gate then measures the accuracy drop), "
                         "a .txt list or an .npz with labels (default: the held-out split of --calib)")
-    p.add_argument("--out", "-o", default="artefacts", help="artefact root folder (default ./artefacts)")
+    p.add_argument("--out", "-o", type=utf8_path, default="artefacts", help="artefact root folder (default ./artefacts)")
     p.add_argument("--strict-calib", action="store_true", help="fail on the first unreadable image, or on a "
                    "calibration set smaller than --calib-size, instead of warning")
     p.add_argument("--num-classes", type=count(1), default=None, help="classes of a custom checkpoint's head")
@@ -72,9 +74,12 @@ def _add_export(sub) -> None:
 
 def _floats(text: str) -> list:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers separated by commas, got {text!r}")
+    return values
 
 
 def _input_override(args):
@@ -116,27 +121,31 @@ def _cmd_validate(args) -> int:
     result = validate(args.dir, threads=args.threads, latency=not args.no_latency)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{args.dir}: {result['status'].upper()}")
+    else:   # every line may quote a bundle someone else wrote: escaped for the terminal
+        _say(f"{args.dir}: {result['status'].upper()}")
         if "parity" in result:
             p = result["parity"]
-            print(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
-                  f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
+            _say(f"  parity   {p['gate']}: {'PASS' if p['passed'] else 'FAIL'} | max rel err {p['max_rel_error']:.2e}, "
+                 f"cosine {p['cosine']:.6f}, top-1 agree {p['top1_agreement']:.1%} on {p['samples']} reference images")
             if p.get("ref_accuracy") is not None:
-                print(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
-                      f"(labelled reference images)")
+                _say(f"  accuracy torch FP32 {p['ref_accuracy']:.1%}, artefact {p['accuracy']:.1%} "
+                     f"(labelled reference images)")
         if "latency" in result and "not_measured" in result["latency"]:
-            print(f"  latency  {result['latency']['not_measured']}")
+            _say(f"  latency  {result['latency']['not_measured']}")
         if "runtime" in result:
-            print(f"  runtime  {result['runtime'].get('runtime')}")
+            _say(f"  runtime  {result['runtime'].get('runtime')}")
         if "latency" in result and "batch1" in result["latency"]:
             b1 = result["latency"]["batch1"]
-            print(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
+            _say(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
         if "reason" in result:
-            print(f"  {result['reason']}")
+            _say(f"  {result['reason']}")
     if result["status"] == "failed":
         raise GateFailed(f"{args.dir} failed its parity gate: {result['parity']['reason']}")
     return 0
+
+
+def _say(line: str) -> None:
+    print(printable(line))
 
 
 def _cmd_list(args) -> int:
@@ -170,8 +179,8 @@ def _cmd_verify(args) -> int:
 
     for d in args.dirs:
         m = verify(d)
-        print(f"{d}: OK — {len(m['files'])} files match manifest.json (schema {m['schema_version']}, "
-              f"{m['arch']} {m['target']} {m['precision']}, status {m['status']})")
+        print(printable(f"{d}: OK — {len(m['files'])} files match manifest.json (schema {m['schema_version']}, "
+                        f"{m['arch']} {m['target']} {m['precision']}, status {m['status']})"))
     return 0
 
 
@@ -182,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _add_export(sub)
     v = sub.add_parser("validate", help="validate an artefact folder on this machine (parity + latency)")
-    v.add_argument("dir")
-    v.add_argument("--threads", type=count(1), default=1)
+    v.add_argument("dir", type=utf8_path)
+    v.add_argument("--threads", type=threads, default=1)
     v.add_argument("--no-latency", action="store_true")
     v.add_argument("--json", action="store_true")
     l = sub.add_parser("list", help="list the architectures of the zoo")
@@ -204,7 +213,7 @@ class _OneLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage().strip().splitlines()
-        return f"warning: {text[0] if text else ''}"
+        return printable(f"warning: {text[0] if text else ''}")   # messages quote files others wrote
 
 
 OWN_LOGGERS = ("edgecnn", "calibration", "exporters")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
+import os
 
-from ..options import ExportOptions, apply_target_options, help_text
+from ..options import MAX_THREADS_PER_CORE, ExportOptions, apply_target_options, help_text, max_threads
+from ..safe_text import printable
 
 
 def count(minimum: int):
@@ -28,7 +29,7 @@ def fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not (0.0 <= value <= 1.0) or math.isnan(value):
+    if not 0.0 <= value <= 1.0:   # also refuses nan
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
     return value
 
@@ -42,6 +43,28 @@ def points(text: str) -> float:
     if not (0.0 <= value <= 100.0):   # also refuses NaN
         raise argparse.ArgumentTypeError(f"must be percentage points between 0 and 100, not {text}")
     return value
+
+
+def threads(text: str) -> int:
+    """argparse type: a thread count from 1 to ``MAX_THREADS_PER_CORE`` per core of this machine (more only measures
+    the scheduler: 4000 threads on 2 cores gave a load average of 505)."""
+    value = count(1)(text)
+    most = max_threads()
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be <= {most} ({MAX_THREADS_PER_CORE} per core on this "
+                                         f"{os.cpu_count() or 1}-core machine), not {value}")
+    return value
+
+
+def utf8_path(text: str) -> str:
+    """argparse type: a path whose name is UTF-8 (onnxruntime, Core ML and TensorRT open paths as UTF-8; a name with
+    other bytes would fail deep inside them as if the model were damaged)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{printable(text)} is not a UTF-8 path: the runtimes cannot open it; choose "
+                                         f"a name in UTF-8") from None
+    return text
 
 
 def opset(text: str) -> int:
@@ -68,7 +91,7 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-exporter", default=d.onnx_exporter, choices=("auto", "torchscript", "dynamo"),
                    help=f"ONNX exporter (default {d.onnx_exporter}: TorchScript, dynamo where it fails)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim graph simplification")
-    p.add_argument("--threads", type=count(1), default=d.threads,
+    p.add_argument("--threads", type=threads, default=d.threads,
                    help=f"threads for latency measurement (default {d.threads})")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     p.add_argument("--int8-max-drop", type=points, default=d.int8.max_drop, metavar="POINTS",

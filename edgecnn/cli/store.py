@@ -1,10 +1,11 @@
 """``edgecnn publish | pull | ls | lock``: the artefact store on the command line (see ``edgecnn.store``)."""
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import UsageError
+from ..safe_files import dump_json
+from ..safe_text import printable
 
 _STORE_HELP = ("a folder (default ./artefact-store, or $EDGECNN_STORE), http(s)://… (read-only) or "
                "s3://bucket[/prefix]")
@@ -76,7 +77,7 @@ def _cmd_publish(args) -> int:
     store = _open(args)
     results = [publish(d, store, args.art_version, allow_unvalidated=args.allow_unvalidated) for d in args.dirs]
     if args.json:
-        print(json.dumps([r.entry for r in results], indent=2, sort_keys=True))
+        print(dump_json([r.entry for r in results], indent=2, sort_keys=True))
     else:
         print("\n".join(r.summary() for r in results))
     return 0
@@ -95,17 +96,20 @@ def _cmd_pull(args) -> int:
         index = store.read_index()
         for pin in lock["artefacts"]:
             entry = idx.resolve(index, pin["arch"], pin["target"], pin["precision"], pin["version"], where=store.url)
-            print(pull_entry(store, entry, to=args.to, expect_sha256=pin["sha256"], quiet=args.quiet).summary())
+            print(pull_entry(store, entry, to=args.to, expect_sha256=pin["sha256"],
+                             expect_manifest_sha256=pin.get("manifest_sha256"), quiet=args.quiet).summary())
         return 0
     if not args.arch:
         raise UsageError("name the architecture to pull, or pass --lock FILE", hint="e.g. edgecnn pull lenet5 --from STORE")
+    if args.write_lock:
+        lockfile.check_writable(args.write_lock)   # before anything in the destination is replaced
     store = _open(args)
     result = pull(store, args.arch, args.target, _precision(args.target, args.precision), args.art_version,
                   to=args.to, allow_pending=args.allow_pending, quiet=args.quiet)
     print(result.summary())
     if args.write_lock:
         lockfile.add(args.write_lock, result.entry, store=args.store)
-        print(f"  pinned   in {args.write_lock}")
+        print(f"  pinned   in {printable(args.write_lock)}")
     return 0
 
 
@@ -116,26 +120,32 @@ def _cmd_ls(args) -> int:
     entries = [e for e in store.read_index()["artefacts"] if args.arch in (None, e["arch"])]
     entries.sort(key=lambda e: (idx.key_of(e), idx.version_key(e)))
     if args.json:
-        print(json.dumps(entries, indent=2, sort_keys=True))
+        print(dump_json(entries, indent=2, sort_keys=True))
         return 0
     if not entries:
-        print(f"{store.url}: no artefacts" + (f" for {args.arch}" if args.arch else ""))
+        print(printable(f"{store.url}: no artefacts" + (f" for {args.arch}" if args.arch else "")))
         return 0
     headers = ("arch", "target", "precision", "version", "status", "size", "sha256", "parity", "p50 ms", "created")
-    rows = []
-    for e in entries:
-        p = e.get("parity") or {}
-        parity = (f"{'PASS' if p.get('passed') else 'FAIL'} cos {p['cosine']:.6f}" if "cosine" in p else "-")
-        lat = (e.get("latency") or {}).get("batch1_p50_ms")
-        rows.append((e["arch"], e["target"], e["precision"], e["version"], e["status"], f"{e['bytes'] / 1e6:.2f} MB",
-                     e["sha256"][:12], parity, f"{lat:.2f}" if isinstance(lat, (int, float)) else "-",
-                     e.get("created", "-")))
+    rows = [tuple(printable(c) for c in _ls_row(e)) for e in entries]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _ls_row(e: dict) -> tuple:
+    """One row of ``edgecnn ls``; the optional summary fields are shown only when they are what they claim."""
+    p = e.get("parity") or {}
+    parity = f"{'PASS' if p.get('passed') is True else 'FAIL'} cos {p['cosine']:.6f}" if _number(p.get("cosine")) else "-"
+    lat = (e.get("latency") or {}).get("batch1_p50_ms")
+    return (e["arch"], e["target"], e["precision"], e["version"], e["status"], f"{e['bytes'] / 1e6:.2f} MB",
+            e["sha256"][:12], parity, f"{lat:.2f}" if _number(lat) else "-", e.get("created", "-"))
 
 
 def _cmd_lock(args) -> int:
@@ -148,5 +158,5 @@ def _cmd_lock(args) -> int:
                         args.art_version, allow_pending=args.allow_pending, where=store.url)
     lockfile.add(args.lock, entry, store=args.store or os.environ.get("EDGECNN_STORE"))
     print(f"pinned {entry['arch']} {entry['target']} {entry['precision']} version {entry['version']} "
-          f"({entry['status']}, sha256 {entry['sha256'][:12]}…) in {args.lock}")
+          f"({entry['status']}, sha256 {entry['sha256'][:12]}…) in {printable(args.lock)}")
     return 0

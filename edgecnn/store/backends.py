@@ -16,22 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import http.client
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Tuple
 
 from .. import artefact
-from ..errors import InputError, OutputError, ToolchainError, UsageError
+from ..errors import IntegrityError, InputError, NetworkError, OutputError, ToolchainError, UsageError
+from ..safe_files import open_regular, read_regular, write_atomic
 from . import index as idx
 
 DEFAULT_STORE = "artefact-store"
 ENV_STORE = "EDGECNN_STORE"
-HTTP_TIMEOUT = 30.0
+HTTP_TIMEOUT = 30.0              # seconds without a byte before a request or a download counts as stalled
+HTTP_ATTEMPTS = 3                # tries of one request (and of one download, in pull), then one clear line
+RETRY_PAUSE = 0.5                # seconds before the second try; twice that before the third
+ENV_TIMEOUT = "EDGECNN_HTTP_TIMEOUT"
 S3_INDEX_ATTEMPTS = 5
 
 Updater = Callable[[dict], Optional[dict]]
@@ -61,6 +66,14 @@ class Store:
     def put(self, local: Path, name: str) -> None:
         raise UsageError(f"{self.url} is a read-only {self.kind} store")
 
+    def delete(self, name: str) -> None:
+        """Remove object ``name`` (what a failed publish uploaded); missing is fine."""
+        raise UsageError(f"{self.url} is a read-only {self.kind} store")
+
+    def has(self, name: str) -> bool:
+        """Whether object ``name`` is in the store."""
+        raise UsageError(f"{self.url} is a read-only {self.kind} store")
+
     @contextlib.contextmanager
     def open(self, name: str) -> Iterator[Tuple[BinaryIO, Optional[int]]]:
         """A readable stream of object ``name`` and its size (None when the server does not say)."""
@@ -87,12 +100,23 @@ class LocalStore(Store):
                              hint="check --from, or publish to it first (`edgecnn publish DIR --to STORE`)")
         if not self.root.is_dir():
             raise InputError(f"{self.root} is not a folder", hint="pass the store folder (it holds index.json)")
+        return self._index_bytes()
+
+    def _index_bytes(self) -> Optional[bytes]:
+        path = self.root / idx.INDEX
         try:
-            return (self.root / idx.INDEX).read_bytes()
+            return read_regular(path, idx.MAX_INDEX_BYTES, "a store index")
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise InputError(f"cannot read {self.root / idx.INDEX} ({exc.strerror})") from None
+            raise InputError(f"cannot read {path} ({exc.strerror})") from None
+
+    def _path(self, name: str) -> Path:
+        """The object's path: a plain file name directly in the store folder, never anywhere else."""
+        if not idx.is_object_name(name):
+            raise IntegrityError(f"{self.root}: object name {name!r} is not a plain file name",
+                                 hint="refusing a path that leaves the store")
+        return self.root / name
 
     def _mkroot(self) -> None:
         try:
@@ -106,7 +130,8 @@ class LocalStore(Store):
         self._mkroot()
         with artefact.locked(self.root / idx.INDEX, timeout=120.0):
             path = self.root / idx.INDEX
-            current = idx.parse(path.read_bytes(), str(path)) if path.exists() else idx.empty()
+            data = self._index_bytes()
+            current = idx.parse(data, str(path)) if data is not None else idx.empty()
             new = fn(current)
             if new is None:
                 return current
@@ -114,37 +139,37 @@ class LocalStore(Store):
             return new
 
     def put(self, local: Path, name: str) -> None:
+        dest = self._path(name)
         self._mkroot()
-        dest = self.root / name
-        if dest.is_file() and artefact.sha256_file(dest) == artefact.sha256_file(local):
+        if os.path.isfile(dest) and not dest.is_symlink() and artefact.sha256_file(dest) == artefact.sha256_file(local):
             return  # already there, same bytes
         with open(local, "rb") as src:
             self._write_atomic(lambda dst: shutil.copyfileobj(src, dst, 1 << 20), dest)
 
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(name))
+
+    def has(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
     def _write_atomic(self, data, path: Path) -> None:
-        """Write ``data`` (bytes, or a callable writing into the open file) to a hidden temp sibling,
-        fsync, then rename over ``path``: readers never see a half-written archive or index."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        """Readers never see a half-written archive or index; a link planted at ``path`` is replaced."""
         try:
-            with open(tmp, "wb") as f:
-                data(f) if callable(data) else f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError as exc:
             raise OutputError(f"cannot write {path} ({exc.strerror})", hint="check free space and permissions") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @contextlib.contextmanager
     def open(self, name: str):
-        path = self.root / name
+        path = self._path(name)
         try:
-            f = open(path, "rb")
+            f = open_regular(path)
         except FileNotFoundError:
             raise InputError(f"{path} is listed in the index but missing",
                              hint="the store is incomplete; republish that bundle") from None
+        except OSError as exc:
+            raise InputError(f"cannot read {path} ({exc.strerror})") from None
         with f:
             yield f, os.fstat(f.fileno()).st_size
 
@@ -153,34 +178,60 @@ class LocalStore(Store):
 class HttpStore(Store):
     kind = "HTTP"
     writable = False
+    attempts = HTTP_ATTEMPTS
 
     def __init__(self, url: str):
         self.url = url if url.endswith("/") else url + "/"
 
     def _url(self, name: str) -> str:
+        if name != idx.INDEX and not idx.is_object_name(name):
+            raise IntegrityError(f"{self.url}: object name {name!r} is not a plain file name",
+                                 hint="refusing a path that leaves the store")
         return urllib.parse.urljoin(self.url, urllib.parse.quote(name))
 
     def _get(self, name: str):
+        """The response for ``name`` (None for a missing index); connection failures and server errors are
+        retried ``attempts`` times, then one NetworkError line."""
         url = self._url(name)
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return self._get_once(url, name)
+            except NetworkError as exc:
+                if attempt == self.attempts:
+                    raise NetworkError(f"{exc.message} (tried {attempt} times)", hint=exc.hint) from None
+                time.sleep(RETRY_PAUSE * attempt)
+
+    def _get_once(self, url: str, name: str):
         req = urllib.request.Request(url, headers={"User-Agent": "edgecnn", "Accept-Encoding": "identity"})
+        timeout = http_timeout()
         try:
-            return urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
+            return urllib.request.urlopen(req, timeout=timeout)
         except urllib.error.HTTPError as exc:
             if exc.code == 404 and name == idx.INDEX:
                 return None
+            if exc.code >= 500 or exc.code == 429:
+                raise NetworkError(f"{url}: HTTP {exc.code} {exc.reason}", hint="the server is failing; try again "
+                                   "later") from None
             raise InputError(f"{url}: HTTP {exc.code} {exc.reason}",
                              hint="the store is incomplete or the address is wrong" if exc.code == 404 else
                              "check access to the server") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise InputError(f"cannot reach {url} ({reason})", hint="check the address and the network") from None
+            if isinstance(reason, (socket.timeout, TimeoutError)) or isinstance(exc, (socket.timeout, TimeoutError)):
+                reason = f"no answer within {timeout:g} s"
+            raise NetworkError(f"cannot reach {url} ({reason})",
+                               hint=f"check the address and the network (timeout: ${ENV_TIMEOUT} seconds)") from None
 
     def _read_index_bytes(self, missing_ok: bool = False) -> Optional[bytes]:
         resp = self._get(idx.INDEX)
         if resp is None:
             return None
         with resp:
-            return resp.read()
+            data = _HttpBody(resp, self._url(idx.INDEX)).read(idx.MAX_INDEX_BYTES + 1)
+        if len(data) > idx.MAX_INDEX_BYTES:
+            raise IntegrityError(f"{self._url(idx.INDEX)} is over the {idx.MAX_INDEX_BYTES:,}-byte limit for a store "
+                                 f"index", hint="is the address right?")
+        return data
 
     @contextlib.contextmanager
     def open(self, name: str):
@@ -189,7 +240,47 @@ class HttpStore(Store):
             raise InputError(f"{self._url(name)}: not found")
         with resp:
             length = resp.headers.get("Content-Length")
-            yield resp, (int(length) if length and length.isdigit() else None)
+            yield _HttpBody(resp, self._url(name)), (int(length) if length and length.isdigit() else None)
+
+
+class _HttpBody:
+    """An HTTP response body whose stalls and breaks come out as one NetworkError line naming the URL."""
+
+    def __init__(self, resp, url: str):
+        self.resp, self.url, self.got = resp, url, 0
+
+    def _call(self, fn, n: int) -> bytes:
+        try:
+            data = fn(n)
+        except (socket.timeout, TimeoutError):
+            raise NetworkError(f"{self.url}: the server stopped sending after {self.got:,} bytes (nothing for "
+                               f"{http_timeout():g} s)", hint="check the network or the server, then pull again "
+                               f"(timeout: ${ENV_TIMEOUT} seconds)") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise NetworkError(f"{self.url}: the download broke off after {self.got:,} bytes "
+                               f"({type(exc).__name__})", hint="check the network or the server, then pull again") from None
+        self.got += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return self._call(self.resp.read, n)
+
+    def read1(self, n: int = -1) -> bytes:
+        return self._call(self.resp.read1, n)
+
+
+def http_timeout() -> float:
+    """Seconds an HTTP store may stay silent: $EDGECNN_HTTP_TIMEOUT, default 30."""
+    text = os.environ.get(ENV_TIMEOUT, "").strip()
+    if not text:
+        return HTTP_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise UsageError(f"{ENV_TIMEOUT}={text!r} is not a number of seconds > 0", hint=f"e.g. {ENV_TIMEOUT}=30")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------- s3
@@ -211,6 +302,9 @@ class S3Store(Store):
         self.fs = s3fs.S3FileSystem(endpoint_url=endpoint_url, skip_instance_cache=True, use_listings_cache=False)
 
     def _key(self, name: str) -> str:
+        if name != idx.INDEX and not idx.is_object_name(name):
+            raise IntegrityError(f"{self.url}: object name {name!r} is not a plain file name",
+                                 hint="refusing a key that leaves the store's prefix")
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _path(self, name: str) -> str:
@@ -220,7 +314,7 @@ class S3Store(Store):
     def _errors(self, what: str, writing: bool = False):
         try:
             yield
-        except (UsageError, InputError, OutputError):
+        except (UsageError, InputError, OutputError, IntegrityError):
             raise
         except Exception as exc:  # botocore/aiohttp/s3fs errors: one line with what to do
             raise _s3_error(exc, f"{self.url}: {what}", writing) from None
@@ -234,12 +328,16 @@ class S3Store(Store):
             except FileNotFoundError:
                 return None, None
             try:
-                return await resp["Body"].read(), resp.get("ETag")
+                return await resp["Body"].read(idx.MAX_INDEX_BYTES + 1), resp.get("ETag")
             finally:
                 resp["Body"].close()
 
         with self._errors(f"reading {name}"):
-            return sync(self.fs.loop, get)
+            data, etag = sync(self.fs.loop, get)
+        if data is not None and len(data) > idx.MAX_INDEX_BYTES:
+            raise IntegrityError(f"{self.url}/{name} is over the {idx.MAX_INDEX_BYTES:,}-byte limit for a store index",
+                                 hint="is the address right?")
+        return data, etag
 
     def _read_index_bytes(self, missing_ok: bool = False) -> Optional[bytes]:
         return self._get_with_etag(idx.INDEX)[0]
@@ -269,6 +367,15 @@ class S3Store(Store):
             if self.fs.exists(self._path(name)) and self.fs.size(self._path(name)) == Path(local).stat().st_size:
                 return  # content-addressed name: already there
             self.fs.put_file(str(local), self._path(name))
+
+    def delete(self, name: str) -> None:
+        with self._errors(f"removing {name}", writing=True):
+            if self.fs.exists(self._path(name)):
+                self.fs.rm_file(self._path(name))
+
+    def has(self, name: str) -> bool:
+        with self._errors(f"looking for {name}"):
+            return self.fs.exists(self._path(name))
 
     @contextlib.contextmanager
     def open(self, name: str):

@@ -7,39 +7,79 @@ than the one that was reviewed and validated.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
+import stat
 import urllib.parse
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, UsageError
+from ..manifest import SHA256, is_identifier
+from ..safe_files import dump_json, parse_json, read_regular, write_atomic
 from . import index as idx
 
 LOCK_NAME = "edgecnn.lock"
 LOCK_SCHEMA = 1
 FIELDS = ("arch", "target", "precision", "version", "sha256")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_LOCK_BYTES = 1 << 20        # a pin is ~300 bytes: 1 MiB holds thousands
 
 
 def read(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_regular(path, MAX_LOCK_BYTES, "a lock file", error=InputError)
     except FileNotFoundError:
         raise InputError(f"lock file {path} not found", hint="create it with `edgecnn lock add` or `pull --write-lock`") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read lock file {path} ({exc})") from None
-    if not isinstance(data, dict) or data.get("edgecnn_lock") != LOCK_SCHEMA or not isinstance(data.get("artefacts"), list):
+    except OSError as exc:
+        raise InputError(f"cannot read lock file {path} ({exc.strerror or exc})") from None
+    lock = parse_json(data, f"lock file {path}", error=InputError)
+    if not isinstance(lock, dict) or lock.get("edgecnn_lock") != LOCK_SCHEMA or not isinstance(lock.get("artefacts"), list):
         raise InputError(f"{path} is not an edgecnn lock file (schema {LOCK_SCHEMA})")
-    for i, e in enumerate(data["artefacts"]):
-        missing = [k for k in FIELDS if not isinstance(e, dict) or not isinstance(e.get(k), str)]
-        if missing:
-            raise InputError(f"{path}: entry {i} lacks {', '.join(missing)}")
-        if not _SHA_RE.match(e["sha256"]):
-            raise InputError(f"{path}: entry {i} ({e['arch']}) has a malformed sha256", hint="64 lowercase hex digits")
-    return data
+    if not isinstance(lock.get("store", ""), str):
+        raise InputError(f"{path}: 'store' must be a folder or an address, not {type(lock['store']).__name__}")
+    for i, e in enumerate(lock["artefacts"]):
+        wrong = pin_problems(e)
+        if wrong:
+            raise InputError(f"{path}: entry {i} " + "; ".join(wrong[:3]),
+                             hint="fix the entry, or pin it again with `edgecnn lock add`")
+    return lock
+
+
+def pin_problems(e) -> List[str]:
+    """What is wrong with one pinned entry (empty: nothing)."""
+    if not isinstance(e, dict):
+        return [f"is {type(e).__name__}, not an object"]
+    missing = [k for k in FIELDS if not isinstance(e.get(k), str)]
+    if missing:
+        return [f"lacks {', '.join(missing)}"]
+    out = [f"has {k} {e[k]!r}, not a plain name" for k in ("arch", "target", "precision") if not is_identifier(e[k])]
+    if not idx.VERSION_RE.fullmatch(e["version"]):
+        out.append(f"has version {e['version']!r}, not letters, digits and . _ + -")
+    for k in ("sha256", "manifest_sha256"):
+        if k in e and not (isinstance(e[k], str) and SHA256.fullmatch(e[k])):
+            out.append(f"has a malformed {k} (64 lowercase hex digits)")
+    return out
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Before anything is pulled: ``path`` can take a lock file (a new file in an existing folder, or a valid
+    lock file to update), so a pull is never half-done because the lock cannot be written afterwards."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UsageError(f"cannot write the lock file {path} ({exc.strerror})", hint="choose another --write-lock") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"--write-lock {path} is a folder or a special file, not a lock file",
+                         hint="pass a file name, e.g. --write-lock edgecnn.lock; nothing was pulled")
+    if st is not None:
+        read(path)   # an existing lock file must be one we can update
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the lock file {path}: {parent} is not a writable folder",
+                          hint="choose another --write-lock; nothing was pulled")
 
 
 def empty(store: Optional[str] = None) -> dict:
@@ -56,6 +96,7 @@ def add(path: str | os.PathLike, entry: dict, store: Optional[str] = None) -> di
     if store and not lock.get("store"):
         lock["store"] = _relative_to_lock(store, path)
     pinned = {k: entry[k] for k in FIELDS}
+    pinned["manifest_sha256"] = entry["manifest_sha256"]   # the manifest is pinned too, not only the archive
     pinned["status"] = entry.get("status", "")
     rest = [e for e in lock["artefacts"] if idx.key_of(e) != idx.key_of(pinned)]
     lock["artefacts"] = sorted(rest + [pinned], key=idx.key_of)
@@ -85,12 +126,7 @@ def store_of(lock: dict, lock_path: str | os.PathLike) -> Optional[str]:
 
 def write(path: str | os.PathLike, lock: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, (dump_json(lock, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     except OSError as exc:
         raise OutputError(f"cannot write lock file {path} ({exc.strerror})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -5,21 +5,26 @@
     -> manifest identity == index entry -> atomic swap into ``<to>/<arch>/<target>-<precision>``
 
 Anything that does not check out raises ``IntegrityError``; the downloaded archive and the staging
-folder are deleted on the way out, and the destination keeps whatever it held before. A killed pull
-(SIGTERM/Ctrl-C) cleans up the same way; after SIGKILL only hidden ``.staging-*`` folders can remain,
-and the next pull or export of that bundle removes them.
+folder are deleted on the way out, and the destination keeps whatever it held before — a refused pull into
+an empty destination leaves nothing at all (no lock file, no empty folder). The manifest is covered too: its
+sha256 must be the one the index records (and the one a lock file pins). A download may not exceed the
+size the index records; a stalled or broken download is retried a few times, then named in one line. A
+killed pull (SIGTERM/Ctrl-C) cleans up the same way; after SIGKILL only hidden ``.staging-*`` folders can
+remain, and the next pull or export of that bundle removes them.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .. import artefact
-from ..errors import IntegrityError
+from ..errors import IntegrityError, NetworkError
+from ..safe_text import printable
 from . import archive, index as idx
 from .backends import Store
 
@@ -37,10 +42,10 @@ class PullResult:
         e = self.entry
         what = "already up to date" if self.action == "unchanged" else "pulled and verified"
         note = "" if e["status"] == "validated" else (
-            f"\n  note     status {e['status']}: " + (e.get("pending") or "not validated by the publisher"))
+            f"\n  note     status {e['status']}: " + printable(e.get("pending") or "not validated by the publisher"))
         return (f"{e['arch']} {e['target']} {e['precision']} version {e['version']} ({e['status']}): {what}\n"
-                f"  folder   {self.path}\n  sha256   {e['sha256']}  (archive; its {self.files} files match manifest.json)"
-                + note)
+                f"  folder   {printable(self.path)}\n  sha256   {e['sha256']}  (archive; its {self.files} files match "
+                f"manifest.json)" + note)
 
 
 def pull(store: Store, arch: str, target: str, precision: str, version: Optional[str] = None, *,
@@ -51,13 +56,15 @@ def pull(store: Store, arch: str, target: str, precision: str, version: Optional
 
 
 def pull_entry(store: Store, entry: dict, *, to: str | os.PathLike = "artefacts", expect_sha256: Optional[str] = None,
-               quiet: bool = False) -> PullResult:
+               expect_manifest_sha256: Optional[str] = None, quiet: bool = False) -> PullResult:
     final = artefact.bundle_dir(to, entry["arch"], entry["target"], entry["precision"])
     label = f"{entry['arch']} {entry['target']} {entry['precision']} {entry['version']}"
-    if expect_sha256 is not None and expect_sha256 != entry["sha256"]:
-        raise IntegrityError(f"{label}: the store's index says sha256 {entry['sha256']}, the lock file pins "
-                             f"{expect_sha256}", hint="the published bytes differ from the locked ones; nothing was "
-                             "downloaded — re-lock deliberately (`edgecnn lock add`) if the change is expected")
+    for what, pinned, listed in (("sha256", expect_sha256, entry["sha256"]),
+                                 ("manifest sha256", expect_manifest_sha256, entry["manifest_sha256"])):
+        if pinned is not None and pinned != listed:
+            raise IntegrityError(f"{label}: the store's index says {what} {listed}, the lock file pins {pinned}",
+                                 hint="the published bytes differ from the locked ones; nothing was downloaded — "
+                                      "re-lock deliberately (`edgecnn lock add`) if the change is expected")
     with artefact.locked(final):
         current = _up_to_date(final, entry)
         if current is not None:
@@ -69,57 +76,92 @@ def pull_entry(store: Store, entry: dict, *, to: str | os.PathLike = "artefacts"
                 raise IntegrityError(f"{label}: archive sha256 mismatch (index {entry['sha256'][:16]}…, downloaded "
                                      f"{sha[:16]}…)", hint=f"the download was deleted and nothing was written to "
                                      f"{final}; the store's copy is damaged or was altered")
-            stage = artefact.Staging(final)   # not entered: that would tidy away `download` (same process id)
-            stage.path.mkdir()
-            try:
-                try:
-                    archive.safe_extract(got, stage.path)
-                    manifest = artefact.verify(stage.path)
-                    _check_identity(manifest, entry, label)
-                except IntegrityError as exc:
-                    what = exc.message.replace(f"{stage.path}: ", "the archive's files do not match its manifest: ")
-                    raise IntegrityError(f"{label}: {what}",
-                                         hint=f"the download was deleted and nothing was written to {final}") from None
-                stage.commit()
-            finally:
-                shutil.rmtree(stage.path, ignore_errors=True)
+            manifest = _extract_checked(got, final, entry, label)
     return PullResult(final, entry, "pulled", len(manifest["files"]))
+
+
+def _extract_checked(got: Path, final: Path, entry: dict, label: str) -> dict:
+    """Extract the archive into a second staging folder, check it, swap it in; the manifest it held."""
+    stage = artefact.Staging(final)   # not entered: that would tidy away the download (same process id)
+    stage.path.mkdir()
+    try:
+        try:
+            archive.safe_extract(got, stage.path)
+            manifest = artefact.verify(stage.path)
+            _check_identity(manifest, entry, stage.path)
+        except IntegrityError as exc:
+            what = exc.message.replace(f"{stage.path}: ", "the archive's files do not match its manifest: ")
+            raise IntegrityError(f"{label}: {what}",
+                                 hint=f"the download was deleted and nothing was written to {final}") from None
+        stage.commit()
+    finally:
+        shutil.rmtree(stage.path, ignore_errors=True)
+    return manifest
 
 
 def _up_to_date(final: Path, entry: dict) -> Optional[dict]:
     """The manifest of ``final`` when it already is this entry, intact; None when it must be fetched."""
-    manifest = final / artefact.MANIFEST
-    if not manifest.is_file() or artefact.sha256_file(manifest) != entry.get("manifest_sha256"):
-        return None
     try:
+        if artefact.sha256_file(final / artefact.MANIFEST) != entry["manifest_sha256"]:
+            return None
         return artefact.verify(final)
-    except IntegrityError:
-        return None   # same manifest but modified files: fetch a clean copy
+    except (OSError, IntegrityError):
+        return None   # no copy, another one, or a modified one: fetch a clean copy
 
 
-def _check_identity(manifest: dict, entry: dict, label: str) -> None:
+def _check_identity(manifest: dict, entry: dict, root: Path) -> None:
+    sha = artefact.sha256_file(root / artefact.MANIFEST)
+    if sha != entry["manifest_sha256"]:
+        raise IntegrityError(f"manifest.json has sha256 {sha[:16]}…, the index records {entry['manifest_sha256'][:16]}…")
     for k in ("arch", "target", "precision", "status"):
         if manifest.get(k) != entry[k]:
             raise IntegrityError(f"manifest says {k} {manifest.get(k)!r}, the index {entry[k]!r}")
 
 
 def _download(store: Store, entry: dict, dest: Path, label: str, quiet: bool) -> str:
-    """Stream object -> file with a progress bar; returns the sha256 of what arrived."""
+    """Stream object -> file with a progress bar; returns the sha256 of what arrived. A stalled or broken
+    download starts again, ``store.attempts`` times in all; more bytes than the index records are refused."""
+    attempts = getattr(store, "attempts", 1)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _download_once(store, entry, dest, label, quiet)
+        except NetworkError as exc:
+            if attempt == attempts:
+                raise NetworkError(f"{label}: {exc.message}" + (f" (tried {attempts} times)" if attempts > 1 else ""),
+                                   hint=exc.hint) from None
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _download_once(store: Store, entry: dict, dest: Path, label: str, quiet: bool) -> str:
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     h = hashlib.sha256()
+    expected = entry["bytes"]
+    got = 0
     with store.open(entry["archive"]) as (src, size), open(dest, "wb") as out, \
             Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                      TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False) as bar:
-        task = bar.add_task(f"pull {label}", total=size or entry.get("bytes"))
+        if size is not None and size != expected:
+            raise IntegrityError(f"{label}: the store serves {size:,} bytes for {entry['archive']}, the index records "
+                                 f"{expected:,}", hint="the store's copy is damaged or was altered; nothing was written")
+        task = bar.add_task(f"pull {printable(label)}", total=expected)
         read = getattr(src, "read1", src.read)   # read1: whatever has arrived, so the bar moves on slow links
         while True:
-            block = read(CHUNK)
+            block = read(min(CHUNK, expected + 1 - got))
             if not block:
                 break
+            got += len(block)
+            if got > expected:
+                raise IntegrityError(f"{label}: {entry['archive']} is longer than the {expected:,} bytes the index "
+                                     f"records", hint="the store's copy is damaged or was altered; the download was "
+                                     "deleted")
             h.update(block)
             out.write(block)
             bar.advance(task, len(block))
+    if got < expected:
+        raise NetworkError(f"{entry['archive']}: the download ended after {got:,} of {expected:,} bytes",
+                           hint="check the network or the server, then pull again")
     return h.hexdigest()
