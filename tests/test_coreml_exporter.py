@@ -16,11 +16,15 @@ import torch
 from calibration import CalibrationSet
 from edgecnn import weights as weights_mod
 from edgecnn import zoo
-from edgecnn.runtimes.coreml_ref import CoreMLProgram, CoreMLReferenceRunner
 from edgecnn.validate import torch_reference
-from edgecnn.validate.metrics import apply_gate, compare
-from exporters import coreml as ce
-from exporters.common import ExportError
+from exporters.coreml import export as ce
+from exporters.coreml.mil_reference import CoreMLProgram
+from exporters.coreml.runner import CoreMLReferenceRunner, to_pixels
+from exporters.coreml.w8a8 import W8A8Recipe
+from exporters.errors import ExportError
+from exporters.int8 import engine
+from exporters.int8.options import Int8Options
+from exporters.parity import apply_gate, compare
 
 FOCUS = ("squeezenet1_0", "squeezenet1_1", "mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small",
          "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0")
@@ -36,6 +40,22 @@ def _prepared(arch: str):
     return entry, model, cs, x, torch_reference(model, x)
 
 
+def _w8a8(model, spec, cs, **options):
+    """The W8A8 module the INT8 engine finalizes (no fallback search unless asked), and its info."""
+    recipe = W8A8Recipe(model, spec, rounding=options.pop("weight_rounding", "nearest"))
+    result = engine.quantize(recipe, cs, options=Int8Options(fallback=False, bias_correction=False,
+                                                             weight_rounding=recipe.rounding, **options),
+                             trained=False)
+    return recipe.finalize(result.float_layers)
+
+
+def _export(model, spec, out, precision, cs, **kwargs):
+    """``export_coreml``; for int8 the engine's W8A8 module is converted."""
+    if precision == "int8":
+        kwargs["quantized"], kwargs["quantized_info"] = _w8a8(model, spec, cs)
+    return ce.export_coreml(model, spec, out, precision=precision, **kwargs)
+
+
 def _check(arch: str, precision: str, tmp_path, variants=ce.VARIANTS, int8_vs_simulation: bool = False):
     """Export, run every variant on the reference executor, apply the precision's gate vs PyTorch FP32.
 
@@ -47,18 +67,17 @@ def _check(arch: str, precision: str, tmp_path, variants=ce.VARIANTS, int8_vs_si
     from FP32: SQNR(program vs simulation) >= min(20 dB, SQNR(simulation vs FP32) - 3 dB)."""
     entry, model, cs, x, ref = _prepared(arch)
     labels = zoo.labels_for(entry)
+    quantized = _w8a8(model, entry.spec, cs) if precision == "int8" else (None, None)
     infos, recipe = ce.export_coreml(model, entry.spec, tmp_path, precision=precision, labels=labels,
                                      metadata={"edgecnn.arch": arch, "edgecnn.version": "test"},
-                                     calib_batches=cs.iter_batches("calib", batch_size=16), variants=variants)
+                                     quantized=quantized[0], quantized_info=quantized[1], variants=variants)
     sim = None
     if precision == "int8" and int8_vs_simulation:
-        qnet, _ = ce.quantize_w8a8(model, entry.spec, cs.iter_batches("calib", batch_size=16))
-        sim = torch_reference(qnet, x)
+        sim = torch_reference(quantized[0], x)
         sim_db = compare(ref, sim).sqnr_db
     results = {}
     for variant, info in infos.items():
-        runner = CoreMLReferenceRunner(info.path, spec=entry.spec,
-                                       image_input=ce.IMAGE_INPUT if variant == "image" else None)
+        runner = CoreMLReferenceRunner(info.path, spec=entry.spec, image=variant == "image")
         out = runner.run(x)
         p = apply_gate(compare(ref, out), precision, trained=False)
         if sim is not None:
@@ -112,8 +131,6 @@ def test_mobilenet_v3_small_fp16_classifier_outputs(tmp_path):
     # classify: run the program itself and compare label + probabilities with torch
     entry, model, cs, x, ref = _prepared("mobilenet_v3_small")
     prog = CoreMLProgram(image.path)
-    from edgecnn.runtimes.coreml_ref import to_pixels
-
     out = prog.run({"image": to_pixels(x[:1], entry.spec)})
     labels = ce.classifier_labels(zoo.labels_for(entry))
     probs = torch.softmax(torch.from_numpy(ref[:1]), 1).numpy()[0]
@@ -155,9 +172,8 @@ def test_ios_target_rules():
 @pytest.mark.parametrize("precision", ["int8-weights", "int8"])
 def test_ios18_uses_blockwise_weight_op(tmp_path, precision):
     entry, model, cs, x, ref = _prepared("lenet5")
-    infos, _ = ce.export_coreml(model, entry.spec, tmp_path, precision=precision, ios=18,
-                                labels=zoo.labels_for(entry), variants=("tensor",),
-                                calib_batches=cs.iter_batches("calib", batch_size=16))
+    infos, _ = _export(model, entry.spec, tmp_path, precision, cs, ios=18, labels=zoo.labels_for(entry),
+                       variants=("tensor",))
     info = infos["tensor"]
     assert info.ops.get("constexpr_blockwise_shift_scale", 0) > 0 and info.spec_version >= 9, info.ops
     p = apply_gate(compare(ref, CoreMLReferenceRunner(info.path).run(x)), precision, trained=False)
@@ -212,11 +228,12 @@ def test_w8a8_ranges_do_not_depend_on_the_thread_count():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            _, prepared, seen, _, _ = ce.prepare_w8a8(model, entry.spec, cs.iter_batches("calib", batch_size=16),
-                                                      rounding="nearest")
-            assert seen == 100
+            recipe = W8A8Recipe(model, entry.spec, rounding="nearest")
+            recipe.prepare(lambda s: None)
+            calibrated = recipe.calibrate(cs, "minmax", lambda s: None)
+            assert calibrated.images == 100
             ranges[threads] = {name: (mod.min_val.tolist(), mod.max_val.tolist())
-                               for name, mod in prepared.named_modules()
+                               for name, mod in calibrated.prepared.named_modules()
                                if "activation_post_process" in name and hasattr(mod, "min_val")}
     finally:
         torch.set_num_threads(before)

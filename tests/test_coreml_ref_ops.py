@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exporters.coreml import import_coremltools
-from edgecnn.runtimes.coreml_ref import (CONSTEXPR_OPS, OPS, CoreMLProgram, UnsupportedOpError, supported_ops,
-                                         to_pixels)
+from exporters.coreml.export import import_coremltools
+from exporters.coreml.mil_reference import CONSTEXPR_OPS, OPS, CoreMLProgram, UnsupportedOpError, supported_ops
+from exporters.coreml.runner import to_pixels
+from exporters.errors import UnsupportedOp
 
 ct = import_coremltools()
 from coremltools.converters.mil import Builder as mb  # noqa: E402
@@ -197,7 +198,7 @@ def test_unknown_op_fails_clearly(tmp_path):
     ml.save(str(tmp_path / "sin.mlpackage"))
     with pytest.raises(UnsupportedOpError, match=r"does not implement op 'sin'") as info:
         CoreMLProgram(tmp_path / "sin.mlpackage")
-    assert info.value.exit_code == 7 and "macOS" in info.value.hint
+    assert isinstance(info.value, UnsupportedOp) and "macOS" in info.value.hint   # UnsupportedOp: exit 7 in the CLI
 
 
 def test_to_pixels_round_trips_8bit_images():

@@ -12,14 +12,16 @@ import pytest
 from edgecnn import pipeline, targets
 from edgecnn.cli import main as cli_main
 from edgecnn.errors import UsageError
+from edgecnn.options import CoreMLOptions
 from edgecnn.targets import ExportOptions
-from edgecnn.validate.bundle import validate_bundle
+from exporters.coreml.export import classifier_labels
+from exporters.coreml.mil_reference import CoreMLProgram
 
 LINUX = platform.system() != "Darwin"
 
 
-def _opts(**extra):
-    return ExportOptions(calib_size=32, eval_size=16, extra=extra)
+def _opts(**coreml):
+    return ExportOptions(calib_size=32, eval_size=16, coreml=CoreMLOptions(**coreml))
 
 
 def test_target_registered_with_precisions():
@@ -49,16 +51,12 @@ def test_export_fp16_bundle_on_linux(tmp_path):
     assert [o["name"] for o in m["output"]["image_variant_outputs"]] == ["classLabel", "classLabel_probs", "logits"]
     assert "parity measured with coreml-reference-executor" in res.summary()
     # the finished bundle validates from its own reference.npz
-    v = validate_bundle(res.path)
+    v = pipeline.validate(res.path)
     assert v["status"] == "validated" and v["runtime"]["runtime"] == "coreml-reference-executor"
     assert "not_measured" in v["latency"]
     # the classifier outputs of the image model: label and softmax probabilities agree with torch
-    from edgecnn.runtimes.coreml_ref import CoreMLProgram
-
     with np.load(res.path / "reference.npz") as ref:
         pixels, logits = ref["pixels"], ref["reference"]
-    from exporters.coreml import classifier_labels
-
     labels = classifier_labels((res.path / "labels.txt").read_text().splitlines())
     assert len(set(labels)) == len(labels) == 1000
     out = CoreMLProgram(res.path / "model.mlpackage").run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
@@ -116,4 +114,4 @@ def test_int8_summary_reports_the_w8a8_fallback(tmp_path, capsys):
                    "--calib-size", "64", "--eval-size", "24"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert re.search(r"int8 +W8A8, \d+ of \d+ block\(s\) float; probe agreement", out), out
+    assert re.search(r"int8 +coreml-w8a8 recipe, minmax ranges, \d+ layer\(s\) float; probe agreement", out), out
