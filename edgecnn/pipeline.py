@@ -219,6 +219,10 @@ def validate(bundle: str | os.PathLike, *, threads: int = 1, latency: bool = Tru
     root = Path(bundle)
     manifest = artefact.verify(root)  # refuses a tampered bundle before running anything in it
     tgt = targets.get(manifest["target"])
+    on_device = getattr(tgt, "validate_on_device", None)   # a target whose device run differs (Core ML on a Mac)
+    result = on_device(root, manifest, latency=latency) if on_device else None
+    if result is not None:
+        return result
     try:
         runner = tgt.open_runner(root, manifest, threads=threads)
     except ModelFileError as exc:

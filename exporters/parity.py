@@ -29,6 +29,8 @@ FP32_MAX_REL_ERROR = 1e-4
 FP16_MIN_COSINE = 0.999
 INT8_MIN_AGREEMENT = 0.99
 INT8_RANDOM_MIN_SQNR_DB = 10.0   # structure check only for random-init nets
+# quantized precisions, judged by the INT8 gate: W8A8 and the weight-only ones (8-bit, palettized, 4-bit blocks)
+QUANTIZED = ("int8", "int8-weights", "palettized8", "palettized6", "palettized4", "int4-weights")
 SQNR_CAP_DB = 999.0              # identical outputs: a finite stand-in for +inf (strict JSON has no Infinity)
 
 
@@ -152,7 +154,7 @@ def fp32_threshold(noise_floor: Optional[float]) -> float:
 
 
 def apply_gate(p: Parity, precision: str, trained: bool, min_agreement: float = INT8_MIN_AGREEMENT) -> Parity:
-    """Set ``gate``, ``passed`` and ``reason`` of ``p`` for ``precision`` (fp32, fp16, int8, int8-weights)."""
+    """Set ``gate``, ``passed`` and ``reason`` of ``p`` for ``precision`` (fp32, fp16, or one of ``QUANTIZED``)."""
     precision = str(precision)
     p.judged_on = "trained weights" if trained else "random-init weights: structure and SQNR only"
     p.reason = ""
@@ -176,7 +178,7 @@ def apply_gate(p: Parity, precision: str, trained: bool, min_agreement: float = 
     elif precision == "fp16":
         p.gate = "cosine >= %s" % FP16_MIN_COSINE
         passed = p.min_cosine >= FP16_MIN_COSINE
-    elif precision in ("int8", "int8-weights"):
+    elif precision in QUANTIZED:
         if trained:
             p.gate = "top-1 agreement >= %.0f%%" % (min_agreement * 100)
             passed = p.top1_agreement >= min_agreement

@@ -1,5 +1,6 @@
-"""The coreml target through the one pipeline: bundle contents, manifest, parity from the reference
-executor, latency honestly "not measured" on Linux, and validation of a finished bundle."""
+"""The coreml target through the one pipeline: bundle contents and Xcode names, manifest, parity from the
+reference executor in both of its modes, the Neural Engine report in the manifest and the summary, latency
+honestly "not measured" on Linux, and validation of a finished bundle."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from edgecnn import pipeline, targets
+from calibration import derive_spec
+from edgecnn import pipeline, targets, zoo
 from edgecnn.cli import main as cli_main
 from edgecnn.errors import UsageError
 from edgecnn.options import CoreMLOptions
@@ -26,18 +28,29 @@ def _opts(**coreml):
 
 def test_target_registered_with_precisions():
     t = targets.get("coreml")
-    assert t.name == "coreml" and set(t.precisions) == {"fp32", "fp16", "int8", "int8-weights"}
+    assert t.name == "coreml" and set(t.precisions) == {"fp32", "fp16", "int8", "int8-weights", "palettized8",
+                                                        "palettized6", "palettized4", "int4-weights"}
     assert targets.get("mlpackage") is t
+
+
+def _neural_engine_report_is_complete(report: dict) -> None:
+    for key in ("fp32_ops", "segments", "long_fp16_reductions", "quantization", "reported_to_leave_neural_engine",
+                "advice", "sources"):
+        assert key in report, key
+    assert report["advice"] and report["segments"][-1]["where"].startswith("CPU")   # the FP32 logits
 
 
 @pytest.mark.skipif(not LINUX, reason="on macOS the real Core ML runtime validates and latency is measured")
 def test_export_fp16_bundle_on_linux(tmp_path):
-    res = pipeline.export("mobilenet_v3_small", "coreml", "fp16", "none", None, tmp_path, options=_opts(), quiet=True)
+    spec = derive_spec(zoo.resolve("mobilenet_v3_small").spec, size=64)   # 64 px keeps the executor cheap
+    res = pipeline.export("mobilenet_v3_small", "coreml", "fp16", "none", None, tmp_path, options=_opts(), quiet=True,
+                          input_spec=spec)
     m = res.manifest
     assert res.status == "validated"
-    assert m["model_file"] == "model.mlpackage"
+    image, tensor = "MobileNetV3Small_FP16.mlpackage", "MobileNetV3Small_FP16_Tensor.mlpackage"
+    assert m["model_file"] == image
     files = m["files"]
-    assert any(k.startswith("model.mlpackage/") for k in files) and any(k.startswith("model_tensor.mlpackage/") for k in files)
+    assert any(k.startswith(image + "/") for k in files) and any(k.startswith(tensor + "/") for k in files)
     assert any(k.endswith("weights/weight.bin") for k in files)
     assert m["parity"]["passed"] and m["parity"]["min_cosine"] >= 0.999
     assert m["parity"]["runtime"] == "coreml-reference-executor"
@@ -45,11 +58,26 @@ def test_export_fp16_bundle_on_linux(tmp_path):
     assert m["latency"]["runtime"]["runtime"] == "coreml-reference-executor"
     assert "batch1" not in m["latency"]
     cm = m["coreml"]
+    assert cm["packages"] == {"image": image, "tensor": tensor}
+    assert cm["swift_classes"] == {"image": "MobileNetV3Small_FP16", "tensor": "MobileNetV3Small_FP16_Tensor"}
     assert cm["variants"]["tensor"]["parity"]["passed"] and cm["variants"]["image"]["ios"] == 16
     assert cm["metadata"]["author"] == "edgecnn" and "image" in cm["metadata"]["preprocessing"]
+    assert cm["metadata"]["license"].startswith("Weights: random initialisation") and "Apache-2.0" in cm["metadata"]["license"]
+    modes = cm["executor_modes"]
+    assert modes["fp32_accumulation"]["passed"] and modes["fp16_accumulation"]["chunks"]["products_per_fp16_partial"] == 32
+    assert modes["passed_in"] in ("both", "fp32 accumulation only") and modes["verdict"].startswith("gate cosine")
+    for variant in ("image", "tensor"):
+        _neural_engine_report_is_complete(cm["variants"][variant]["neural_engine"])
+    report = cm["variants"]["image"]["neural_engine"]
+    assert report["segments"][0]["where"].startswith("CPU")          # the image variant's FP32 normalisation
+    assert report["reported_to_leave_neural_engine"]["count"] > 0   # MobileNetV3's squeeze-excite broadcasts
     assert m["export"]["ios"] == 16 and m["recipe"]["io_types"].startswith("float32")
     assert [o["name"] for o in m["output"]["image_variant_outputs"]] == ["classLabel", "classLabel_probs", "logits"]
-    assert "parity measured with coreml-reference-executor" in res.summary()
+    summary = res.summary()
+    assert "parity measured with coreml-reference-executor" in summary
+    assert f"xcode    {image} (class MobileNetV3Small_FP16)" in summary
+    assert re.search(r"modes    FP32 accumulation PASS .* \| FP16 accumulation (PASS|FAIL)", summary), summary
+    assert "  ne       " in summary and "  advice   " in summary
     # the finished bundle validates from its own reference.npz
     v = pipeline.validate(res.path)
     assert v["status"] == "validated" and v["runtime"]["runtime"] == "coreml-reference-executor"
@@ -59,11 +87,23 @@ def test_export_fp16_bundle_on_linux(tmp_path):
         pixels, logits = ref["pixels"], ref["reference"]
     labels = classifier_labels((res.path / "labels.txt").read_text().splitlines())
     assert len(set(labels)) == len(labels) == 1000
-    out = CoreMLProgram(res.path / "model.mlpackage").run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
+    out = CoreMLProgram(res.path / image).run({"image": pixels[:1].transpose(0, 3, 1, 2).astype(np.float32)})
     assert out["classLabel"] == labels[int(logits[0].argmax())]
     e = np.exp(logits[0] - logits[0].max())
     got = np.array([out["classLabel_probs"][lab] for lab in labels])
     assert abs(got.sum() - 1) < 1e-2 and np.abs(got - e / e.sum()).max() < 1e-2
+
+
+def test_palettized_bundle_reports_and_validates(tmp_path, capsys):
+    rc = cli_main(["export", "lenet5", "-t", "coreml", "-p", "palettized6", "--weights", "none", "--out", str(tmp_path),
+                   "--calib-size", "16", "--eval-size", "8", "--json", "-q"])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["status"] == "validated" and m["model_file"] == "LeNet5_Pal6.mlpackage"
+    assert m["coreml"]["variants"]["image"]["ops"].get("constexpr_lut_to_dense", 0) > 0
+    assert "64-entry" in m["recipe"]["weights"] and m["parity"]["gate"].startswith("SQNR")
+    _neural_engine_report_is_complete(m["coreml"]["variants"]["image"]["neural_engine"])
+    assert m["coreml"]["executor_modes"]["fp16_accumulation"]["samples"] == 8
 
 
 def test_int8_on_ios16_is_a_usage_error(tmp_path):
@@ -78,6 +118,7 @@ def test_cli_ios_flag_and_default_precision(tmp_path, capsys):
     m = json.loads(capsys.readouterr().out)
     assert m["precision"] == "fp16" and m["export"]["ios"] == 18 and m["status"] == "validated"
     assert m["coreml"]["variants"]["image"]["spec_version"] >= 9  # iOS18 = Core ML spec 9
+    assert m["model_file"] == "LeNet5_FP16.mlpackage"
 
 
 @pytest.mark.slow
@@ -109,9 +150,17 @@ def test_pretrained_lite0_agrees_with_torch_at_int8_gate(tmp_path, precision):
 
 
 def test_int8_summary_reports_the_w8a8_fallback(tmp_path, capsys):
-    """The export summary reads Core ML's fallback block (before/after/keep_float), not only the Q/DQ one."""
+    """The export summary reads Core ML's fallback block (before/after/keep_float), not only the Q/DQ one; a W8A8
+    export reports both executor modes, float logits, and the Neural Engine advice on when W8A8 is worth it."""
     rc = cli_main(["export", "lenet5", "-t", "coreml", "-p", "int8", "--weights", "none", "--out", str(tmp_path),
                    "--calib-size", "64", "--eval-size", "24"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert re.search(r"int8 +coreml-w8a8 recipe, minmax ranges, \d+ layer\(s\) float; probe agreement", out), out
+    assert re.search(r"modes    FP32 accumulation PASS .* \| FP16 accumulation PASS", out), out
+    assert "A17 Pro / M4" in out and "coreml.w8a8_scheme=symmetric" in out
+    m = json.loads((tmp_path / "lenet5" / "coreml-int8" / "manifest.json").read_text())
+    assert m["model_file"] == "LeNet5_W8A8.mlpackage" and m["recipe"]["quantizer"]["logits"].startswith("float")
+    assert m["coreml"]["variants"]["image"]["logits_from"][-1] != "dequantize"
+    assert m["coreml"]["variants"]["image"]["neural_engine"]["quantization"]["quantize"] > 0
+    assert set(m["coreml"]["executor_modes"]) >= {"fp32_accumulation", "fp16_accumulation", "verdict"}

@@ -91,7 +91,11 @@ def _cmd_trt(args) -> int:
 
 
 def _cmd_merge(args) -> int:
+    from .. import coreml_results
     from ..device_results import merge_results
+
+    if coreml_results.is_results_file(args.results):   # `edgecnn validate` of a Core ML bundle on a Mac
+        return coreml_results.cmd_merge(args)
 
     manifest = merge_results(args.bundle, args.results, min_agreement=args.int8_min_agreement)
     if args.json:
