@@ -144,22 +144,29 @@ def _cli_summary(root: Path, path: Path, per_unit: Dict[str, dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- merging
+def _read_json(path: Path):
+    """The JSON in ``path``, or one input error saying why not."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot read {path} ({exc.strerror})") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})") from None
+
+
 def is_results_file(path) -> bool:
     """True when ``path`` is a JSON file with this module's schema (anything else: not ours to judge)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = _read_json(path)
+    except InputError:
         return False
     return isinstance(data, dict) and data.get("schema") == RESULTS_SCHEMA
 
 
 def _load_results(path: Path) -> dict:
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read {path} ({exc.strerror})") from None
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc})") from None
+    results = _read_json(path)
     if not isinstance(results, dict) or results.get("schema") != RESULTS_SCHEMA:
         raise InputError(f"{path} is not an edgecnn Core ML results file",
                          hint="use the <bundle>.coreml-results.<host>.json written by `edgecnn validate` on a Mac")

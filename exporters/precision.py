@@ -27,12 +27,3 @@ class Precision(str, Enum):
     @property
     def is_int8(self) -> bool:
         return self in (Precision.INT8, Precision.INT8_WEIGHTS)
-
-    @property
-    def weights_only(self) -> bool:
-        """Compressed weights, float activations (judged by the same gate as INT8 weight-only)."""
-        return self in WEIGHT_ONLY
-
-
-WEIGHT_ONLY = (Precision.INT8_WEIGHTS, Precision.PALETTIZED8, Precision.PALETTIZED6, Precision.PALETTIZED4,
-               Precision.INT4_WEIGHTS)

@@ -136,6 +136,15 @@ def test_palettized4_on_ios18_uses_grouped_tables_and_beats_one_table(tmp_path):
     grouped, recipe = _check("lenet5", "palettized4", tmp_path / "18", variants=("tensor",), ios=18)
     assert "16 output channels" in recipe["weights"] and grouped["tensor"][0].spec_version >= 9
     assert grouped["tensor"][1].sqnr_db > per_tensor["tensor"][1].sqnr_db + 1.0
+    # LeNet's 120 and 84 output channels are not multiples of 16 (fc1, fc2): smaller groups, not left float16
+    lut = grouped["tensor"][0].ops.get("constexpr_lut_to_dense", 0)
+    assert lut == per_tensor["tensor"][0].ops.get("constexpr_lut_to_dense", 0) == 3
+
+
+def test_int4_blocks_fit_channels_that_32_does_not_divide(tmp_path):
+    """LeNet's fc inputs (400, 120) are no multiples of 32: blocks of 16/8 there, so every large weight is 4-bit."""
+    results, recipe = _check("lenet5", "int4-weights", tmp_path, variants=("tensor",))
+    assert results["tensor"][0].ops.get("constexpr_blockwise_shift_scale", 0) == 3 and "block of 32" in recipe["weights"]
 
 
 def test_int4_weights_need_ios18():

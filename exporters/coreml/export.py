@@ -1,4 +1,5 @@
-"""PyTorch module -> Core ML ML Program (``.mlpackage``) in FP32, FP16, W8A8 INT8 or INT8 weight-only.
+"""PyTorch module -> Core ML ML Program (``.mlpackage``) in FP32, FP16, W8A8 INT8 or a weight-only precision
+(int8-weights, palettized8/6/4, int4-weights: ``exporters.coreml.compression``).
 
 Two variants of one network are written, because app code feeds a model in one of two ways:
 
@@ -15,8 +16,10 @@ a classifier with a second output trips an index bug in coremltools' backend whe
 set, so the program is converted to MIL first (output types fixed there) and then to an ML Program
 with the classifier; W8A8 goes through ``coremltools.optimize.torch``'s ``LinearQuantizer`` used for
 calibration only (iOS17+, trace path; ``StochasticDepth`` stripped before ``prepare`` because
-``prepare_qat_fx`` traces the training branch); weight-only INT8 is ``linear_quantize_weights``
-per-channel (iOS16+). ``MLModel.predict`` is macOS-only; nothing here calls it.
+``prepare_qat_fx`` traces the training branch), with the logits kept float as in FP16; the weight-only
+precisions are coremltools.optimize.coreml graph passes run on the MIL program. Every package is named for
+Xcode, records torch as its source and is read back through coremltools' program loader, which also gives its
+Neural Engine report (``packaging``, ``neural_engine``). ``MLModel.predict`` is macOS-only; nothing here calls it.
 """
 from __future__ import annotations
 

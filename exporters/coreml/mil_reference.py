@@ -4,8 +4,10 @@
 ``.mlpackage`` directly: it reads the program from the package's ``Model.mlmodel`` and every weight
 with coremltools' own MIL-proto value loader (``weights/weight.bin``, 64-byte aligned blobs), then
 executes the ops in program order, computing in FP32 and rounding every op output to the dtype the
-program declares for it (FP16 storage between FP16 ops is mimicked exactly; FP16 *arithmetic inside*
-an op is not — Apple's kernels may accumulate differently, which is why FP16 gates are cosine gates).
+program declares for it (FP16 storage between FP16 ops is mimicked exactly): one legal, CPU-like execution.
+Its second mode, ``accumulation="fp16"``, sums the long reductions of FP16-typed ops in FP16 in chunks
+(``exporters.coreml.fp16_accumulation``): the pessimistic, Neural-Engine-like end of the bracket a device
+lies in. Palettized weights are decompressed with coremltools' own functions.
 
 It covers the ops our exports of the zoo produce (and a few neighbours); an op it does not know is
 refused when the program is loaded, with an error naming the op — never skipped. Each op's MIL

@@ -171,6 +171,6 @@ def advice(r: dict, precision: str, scheme: Optional[str]) -> List[str]:
                    "(Apple: use it 'only when your model is fully or mostly running on the Neural Engine'). "
                    "Elsewhere prefer fp16, int8-weights or a palettized precision.")
         if scheme == "affine":
-            out.append("Activations here are affine (zero point per tensor); Apple's W8A8 examples are symmetric: "
-                       "--target-option coreml.w8a8_scheme=symmetric exports that (check its parity).")
+            out.append("Activations here are affine (a zero point per tensor); coremltools' default is symmetric: "
+                       "--target-option coreml.w8a8_scheme=symmetric exports that (compare parity and device latency).")
     return out

@@ -150,6 +150,14 @@ def compute_plan(model, compute_units: str, max_listed: int = 20) -> dict:
     preferred device, and the ops not placed on the Neural Engine. NOT RUN BY US YET (see
     ``CoreMLPredictRunner``); where the API is missing the reason is returned instead."""
     ct = import_coremltools()
+    from coremltools.models import compute_device
+
+    kinds = ((compute_device.MLNeuralEngineComputeDevice, "NeuralEngine"), (compute_device.MLGPUComputeDevice, "GPU"),
+             (compute_device.MLCPUComputeDevice, "CPU"))
+
+    def kind(device) -> str:
+        return next((name for cls, name in kinds if isinstance(device, cls)), type(device).__name__)
+
     try:
         from coremltools.models.compute_plan import MLComputePlan
 
@@ -165,13 +173,13 @@ def compute_plan(model, compute_units: str, max_listed: int = 20) -> dict:
         usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
         if usage is None:   # constants and the like have no placement
             continue
-        device = type(usage.preferred_compute_device).__name__.replace("ML", "").replace("ComputeDevice", "")
+        device = kind(usage.preferred_compute_device)
         counts[device] = counts.get(device, 0) + 1
         estimate = plan.get_estimated_cost_for_mlprogram_operation(op)
         cost[device] = cost.get(device, 0.0) + (estimate.weight if estimate is not None else 0.0)
         if device != "NeuralEngine" and len(off_ne) < max_listed:
             off_ne.append({"op": op.operator_name, "outputs": [o.name for o in op.outputs], "preferred": device,
-                           "supported": [type(d).__name__ for d in usage.supported_compute_devices]})
+                           "supported": [kind(d) for d in usage.supported_compute_devices]})
     return {"compute_units": compute_units, "source": "MLComputePlan", "ops_by_preferred_device": counts,
             "estimated_cost_share": {k: round(v, 4) for k, v in cost.items()}, "not_on_neural_engine": off_ne}
 
