@@ -232,8 +232,8 @@ def summary_lines(m: dict) -> List[str]:
     report = ((cm.get("variants") or {}).get("image") or {}).get("neural_engine") or {}
     if report:
         lines.append(f"  ne       {report['fp32_ops']['count']} FP32-typed op(s), "
-                     f"{report['long_fp16_reductions']['count']} FP16 reduction(s) over "
-                     f"{report['long_fp16_reductions']['threshold']} elements, {report['quantization']['quantize']} "
+                     f"{report['long_fp16_reductions']['count']} FP16 reduction(s) over more than "
+                     f"{report['long_fp16_reductions']['threshold']} values, {report['quantization']['quantize']} "
                      f"quantize op(s), {report['reported_to_leave_neural_engine']['count']} op(s) reported to leave "
                      "the Neural Engine")
         lines += [f"  advice   {a}" for a in report.get("advice", [])]
