@@ -1,7 +1,9 @@
 """Speed of the Core ML reference executor against onnxruntime FP32, side by side in one run.
 
 The executor is a correctness tool (Core ML parity on Linux), not a runtime; the goal is only that
-validating a 224x224 MobileNetV3-Large takes a time comparable to onnxruntime FP32 (<= 5x).
+validating a 224x224 MobileNetV3-Large takes a time comparable to onnxruntime FP32 (<= 5x). The FP16
+program is also timed in the executor's FP16-accumulation mode (Neural-Engine-like, chunked FP16 sums), which
+the Core ML target runs on the first held-out images of every export; that row is information, not the goal.
 Both run batch 1 on one thread, interleaved round by round so machine load hits both alike; the
 ratio reported is the median over rounds of each round's p50 ratio (a load spike moves one round).
 
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result  # noqa: E402  (also puts the repository on sys.path)
+
+FP16_ACCUMULATION = "coreml-ref fp16, FP16 accumulation"
 
 
 def main() -> int:
@@ -46,6 +50,7 @@ def main() -> int:
             infos, _ = ce.export_coreml(model, entry.spec, tmp / precision, precision=precision,
                                         labels=zoo.labels_for(entry), variants=("tensor",))
             runners[f"coreml-ref {precision}"] = CoreMLReferenceRunner(infos["tensor"].path, threads=1)
+        runners[FP16_ACCUMULATION] = CoreMLReferenceRunner(infos["tensor"].path, threads=1, accumulation="fp16")
         x = np.random.default_rng(0).standard_normal((1, *entry.spec.shape)).astype(np.float32)
         times = {k: [] for k in runners}
         round_p50 = {k: [] for k in runners}
@@ -68,7 +73,7 @@ def main() -> int:
         r = ratios[name]
         lines.append(f"| {name} | {float(np.median(t)):.2f} | {float(np.percentile(t, 90)):.2f} | "
                      f"{float(np.median(r)):.2f}x | {r.min():.2f}-{r.max():.2f}x |")
-    worst = max(float(np.median(r)) for k, r in ratios.items() if k.startswith("coreml"))
+    worst = max(float(np.median(r)) for k, r in ratios.items() if k.startswith("coreml") and k != FP16_ACCUMULATION)
     lines.append(f"\nGoal: the reference executor within 5x onnxruntime FP32: {'met' if worst <= 5 else 'NOT met'} "
                  f"({worst:.2f}x).")
     write_result("coreml_reference_executor_speed", "Core ML reference executor vs onnxruntime FP32", "\n".join(lines),

@@ -41,8 +41,11 @@ class TrtOptions:
 
 @dataclass
 class CoreMLOptions:
-    ios: Optional[int] = option(None, "deployment target: 16, 17 or 18 (default 16; 17 for int8 W8A8)")
-    w8a8_scheme: str = option("affine", "W8A8 activation scheme", W8A8_SCHEMES)
+    ios: Optional[int] = option(None, "deployment target: 16, 17 or 18 (default 16; 17 for int8 W8A8, 18 for "
+                                      "int4-weights)")
+    w8a8_scheme: str = option("affine", "W8A8 activation scheme: affine (a zero point per tensor) or symmetric "
+                                        "(coremltools' default; for the Neural Engine see docs/coreml.md)",
+                              W8A8_SCHEMES)
 
 
 @dataclass

@@ -225,6 +225,9 @@ def validate(bundle: str | os.PathLike, *, threads: int = 1, latency: bool = Tru
     root = Path(bundle)
     manifest = artefact.verify(root)  # refuses a tampered bundle before running anything in it
     tgt = targets.get(manifest["target"])
+    result = tgt.validate_on_device(root, manifest, latency=latency)   # e.g. Core ML on a Mac: every compute unit
+    if result is not None:
+        return result
     try:
         runner = tgt.open_runner(root, manifest, threads=threads)
     except ModelFileError as exc:

@@ -68,6 +68,9 @@ def summary_text(m: dict, status: str, path: Path, seconds: float) -> str:
         lines.append(f"  latency  {lat['not_measured']}")
     if p and p.get("runtime"):
         lines.append(f"  runtime  parity measured with {p['runtime']}")
+    if m.get("target") == "coreml":   # package names, executor modes, Neural Engine report
+        from .targets.coreml import summary_lines
+        lines += summary_lines(m)
     for check in m.get("local_checks") or []:  # checks run here for a bundle validated elsewhere
         lines.append(f"  check    {check['name']}: {'PASS' if check['passed'] else 'FAIL'} | {check['detail']}")
     if m.get("pending") and not (lat and "batch1" in lat):

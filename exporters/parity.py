@@ -38,6 +38,8 @@ INT8_MAX_DROP = 0.01             # top-1 accuracy, measured or estimated (1.0 po
 INT8_FLOOR_COSINE = 0.95         # below this mean logit cosine the artefact is broken, whatever the drop says
 INT8_FLOOR_TOP5 = 0.90           # share of images whose FP32 top-1 is within the artefact's top-5
 INT8_RANDOM_MIN_SQNR_DB = 10.0   # structure check only for random-init nets
+# quantized precisions, judged by the INT8 gate: W8A8 and the weight-only ones (8-bit, palettized, 4-bit blocks)
+QUANTIZED = ("int8", "int8-weights", "palettized8", "palettized6", "palettized4", "int4-weights")
 SQNR_CAP_DB = 999.0              # identical outputs: a finite stand-in for +inf (strict JSON has no Infinity)
 BOOTSTRAP_SAMPLES = 400          # resamples of the images for the estimated drop's 95% interval
 
@@ -221,8 +223,8 @@ def fp32_threshold(noise_floor: Optional[float]) -> float:
 
 
 def apply_gate(p: Parity, precision: str, trained: bool, gate: Optional[Gate] = None) -> Parity:
-    """Set ``criterion``, ``gate``, ``passed`` and ``reason`` of ``p`` for ``precision`` (fp32, fp16, int8,
-    int8-weights); ``gate``: the INT8 gate's settings (default ``Gate()``)."""
+    """Set ``criterion``, ``gate``, ``passed`` and ``reason`` of ``p`` for ``precision`` (fp32, fp16, or one of
+    ``QUANTIZED``); ``gate``: the INT8 gate's settings (default ``Gate()``)."""
     precision = str(precision)
     gate = gate or Gate()
     p.judged_on = "trained weights" if trained else "random-init weights: structure and SQNR only"
@@ -237,7 +239,7 @@ def apply_gate(p: Parity, precision: str, trained: bool, gate: Optional[Gate] = 
     elif precision == "fp16":
         p.criterion, p.gate = "min cosine", "cosine >= %s" % FP16_MIN_COSINE
         passed = p.min_cosine >= FP16_MIN_COSINE
-    elif precision in ("int8", "int8-weights"):
+    elif precision in QUANTIZED:
         passed = _int8_gate(p, trained, gate)
     else:
         raise ValueError("no parity gate for precision %r" % precision)

@@ -1,9 +1,13 @@
-"""Op-by-op check of the Core ML reference executor against PyTorch.
+"""Op-by-op check of the Core ML reference executor against PyTorch and against coremltools' own MIL semantics.
 
 Each supported MIL op is put into a real ML Program with coremltools' MIL builder, saved as an
 ``.mlpackage`` (weights in weights/weight.bin), loaded back by the executor and compared with the
-same computation done by torch. Programs are FP32 so the comparison is tight; FP16 storage rounding
-has its own test. A program with an op the executor does not implement must fail when loaded.
+same computation done by torch, and, for the ops coremltools defines a ``value_inference`` for (its own NumPy
+statement of the op), with that. Programs are FP32 so the comparison is tight; FP16 storage rounding
+has its own test. The edge cases each test names are in its inputs: exact ties at thresholded_relu's alpha,
+quantize inputs exactly halfway between two steps, max_pool windows that ceil mode cuts short. A program with
+an op the executor does not implement must fail when loaded. The FP16-accumulation mode is checked against a
+plain loop over the same chunks, and on a squeeze-excite-sized mean.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exporters.coreml import import_coremltools
-from edgecnn.runtimes.coreml_ref import (CONSTEXPR_OPS, OPS, CoreMLProgram, UnsupportedOpError, supported_ops,
-                                         to_pixels)
+from exporters.coreml.export import import_coremltools
+from exporters.coreml.mil_reference import CONSTEXPR_OPS, OPS, CoreMLProgram, UnsupportedOpError, supported_ops
+from exporters.coreml.runner import to_pixels
+from exporters.errors import UnsupportedOp
 
 ct = import_coremltools()
 from coremltools.converters.mil import Builder as mb  # noqa: E402
@@ -76,7 +81,8 @@ CASES = {
     "silu": (lambda x, v: mb.silu(x=x), lambda: F.silu(tx)),
     "sigmoid_hard": (lambda x, v: mb.sigmoid_hard(x=x, alpha=np.float32(1 / 6), beta=np.float32(0.5)),
                      lambda: F.hardsigmoid(tx)),
-    "thresholded_relu": (lambda x, v: mb.thresholded_relu(x=x, alpha=np.float32(0.3)), lambda: F.threshold(tx, 0.3, 0.0)),
+    "thresholded_relu": (lambda x, v: mb.thresholded_relu(x=x, alpha=np.float32(0.3)),
+                         lambda: torch.where(tx >= 0.3, tx, torch.zeros(()))),
     "tanh": (lambda x, v: mb.tanh(x=x), lambda: torch.tanh(tx)),
     "gelu": (lambda x, v: mb.gelu(x=x, mode="EXACT"), lambda: F.gelu(tx)),
     "exp": (lambda x, v: mb.exp(x=x), lambda: torch.exp(tx)),
@@ -122,8 +128,13 @@ CASES = {
         lambda: torch.cat([tv, tv[:, :2]], 1) @ torch.from_numpy(
             (BW.astype(np.float32) - np.repeat(BW_OFF, 4, 1)) * np.repeat(BW_SCALE, 4, 1)).T),
 }
-# ops whose check lives elsewhere: classify needs a classifier model (tests/test_coreml_exporter.py)
-CHECKED_ELSEWHERE = {"classify"}
+# ops whose check lives elsewhere: classify needs a classifier model, constexpr_lut_to_dense palettized weights
+# (both in tests/test_coreml_exporter.py)
+CHECKED_ELSEWHERE = {"classify", "constexpr_lut_to_dense"}
+# the ops coremltools states a value_inference for: the executor must agree with coremltools' own semantics
+VALUE_INFERENCE = ("linear", "matmul", "add", "sub", "mul", "real_div", "relu", "relu6", "clip", "sigmoid",
+                   "sigmoid_hard", "thresholded_relu", "softmax", "reduce_mean", "reshape", "concat", "cast",
+                   "quantize", "squeeze")
 IOS18_ONLY = {"constexpr_blockwise_shift_scale"}
 
 
@@ -197,7 +208,7 @@ def test_unknown_op_fails_clearly(tmp_path):
     ml.save(str(tmp_path / "sin.mlpackage"))
     with pytest.raises(UnsupportedOpError, match=r"does not implement op 'sin'") as info:
         CoreMLProgram(tmp_path / "sin.mlpackage")
-    assert info.value.exit_code == 7 and "macOS" in info.value.hint
+    assert isinstance(info.value, UnsupportedOp) and "macOS" in info.value.hint   # UnsupportedOp: exit 7 in the CLI
 
 
 def test_to_pixels_round_trips_8bit_images():
@@ -207,3 +218,163 @@ def test_to_pixels_round_trips_8bit_images():
     pixels = RNG.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
     back = to_pixels(normalize(pixels, spec), spec)
     np.testing.assert_array_equal(back, pixels.transpose(0, 3, 1, 2).astype(np.float32))
+
+
+# ------------------------------------------------------------------ coremltools' own semantics (value_inference)
+def _value_inference(build, *consts, opset=None):
+    """What coremltools' MIL computes for ``build(*consts)`` with constant inputs (its ``value_inference``)."""
+    got = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=opset or ct.target.iOS17)
+    def prog(z):
+        got["val"] = build(*[c.copy() for c in consts]).val   # copies: some value_inference writes in place
+        return mb.identity(x=z)
+
+    assert got["val"] is not None, "coremltools has no value_inference for this case"
+    return np.asarray(got["val"])
+
+
+@pytest.mark.parametrize("op", VALUE_INFERENCE)
+def test_op_matches_coremltools_value_inference(programs, op):
+    got, _ = programs[op]
+    want = _value_inference(CASES[op][0], X, V)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+
+def _single_op_program(tmp_path, build, shape, opset, name="y"):
+    @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=opset)
+    def prog(x):
+        return mb.identity(x=build(x), name=name)
+
+    ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=opset,
+                    compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY)
+    path = tmp_path / f"{abs(hash((shape, name))) % 10**8}.mlpackage"
+    ml.save(str(path))
+    return CoreMLProgram(path)
+
+
+def test_thresholded_relu_keeps_exact_ties_at_alpha(tmp_path):
+    """MIL keeps x where x >= alpha; every HardSwish in our programs has alpha = -3, and inputs of exactly -3
+    occur (FP16 values, ReLU6-style clips). torch's threshold (x > alpha) would zero them."""
+    x = np.array([[-4.0, -3.0, -3.0, -2.5, 0.0, 3.0, -3.0001, 0.3]], np.float32)
+    for alpha in (-3.0, 0.3):
+        build = lambda t, a=alpha: mb.thresholded_relu(x=t, alpha=np.float32(a))   # noqa: E731
+        want = np.where(x >= np.float32(alpha), x, 0)
+        assert (want != np.where(x > np.float32(alpha), x, 0)).any()     # the case can tell >= from >
+        np.testing.assert_array_equal(_value_inference(build, x), want)
+        np.testing.assert_array_equal(_single_op_program(tmp_path, build, x.shape, ct.target.iOS16).run({"x": x})["y"], want)
+        np.testing.assert_array_equal(OPS["thresholded_relu"](x, alpha=alpha), want)
+
+
+def test_quantize_rounds_exact_halves_to_even(tmp_path):
+    """Inputs exactly halfway between two steps (scale a power of two, so x / scale is exact): MIL rounds them to
+    the even step (coremltools: np.around), as the executor must; rounding half up would differ on every one."""
+    k = np.arange(-6, 6, dtype=np.float32)
+    x = ((k + 0.5) * 0.25).reshape(1, -1)
+    want = np.clip(np.rint(x / 0.25) + 3, -128, 127)
+    assert (want != np.floor(x / 0.25 + 0.5) + 3).any()
+    build = lambda t: mb.cast(x=mb.quantize(input=t, scale=np.float32(0.25), zero_point=np.int8(3),   # noqa: E731
+                                            output_dtype="int8"), dtype="fp32")
+    np.testing.assert_array_equal(_value_inference(build, x), want)
+    np.testing.assert_array_equal(_single_op_program(tmp_path, build, x.shape, ct.target.iOS17).run({"x": x})["y"], want)
+    np.testing.assert_array_equal(OPS["quantize"](x, np.float32(0.25), "int8", np.int8(3)).astype(np.float32), want)
+
+
+def _ceil_max_pool(x, k, s):
+    """MIL max_pool with ceil_mode and no padding, written out: windows start at i * s and stop at the edge."""
+    n, c, h, w = x.shape
+    oh, ow = -(-(h - k) // s) + 1, -(-(w - k) // s) + 1
+    out = np.empty((n, c, oh, ow), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = x[:, :, i * s:min(i * s + k, h), j * s:min(j * s + k, w)].max(axis=(2, 3))
+    return out
+
+
+@pytest.mark.parametrize("size", [10, 54])   # 54 -> 27: SqueezeNet 1.0's pools need ceil mode
+def test_max_pool_ceil_mode_partial_windows(tmp_path, size):
+    x = RNG.standard_normal((1, 2, size, size)).astype(np.float32)
+    build = lambda t: mb.max_pool(x=t, kernel_sizes=[3, 3], strides=[2, 2], pad_type="valid", ceil_mode=True)  # noqa: E731
+    got = _single_op_program(tmp_path, build, x.shape, ct.target.iOS16).run({"x": x})["y"]
+    want = _ceil_max_pool(x, 3, 2)
+    floor_size = (size - 3) // 2 + 1
+    assert want.shape[-1] == floor_size + 1           # the last window is partial: ceil and floor differ here
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(want[..., -1], want[..., -2])   # the partial window's own values, not a copy
+
+
+# ------------------------------------------------------------------ FP16 accumulation (Neural-Engine-like)
+def _fp16(a):
+    return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _fp16_sum(terms, chunk):
+    """The model written as a loop: exact sums of ``chunk`` terms, each rounded to FP16, added in FP16 in order."""
+    acc = None
+    for j in range(0, len(terms), chunk):
+        part = _fp16(np.sum(terms[j:j + chunk], dtype=np.float64))
+        acc = part if acc is None else _fp16(acc + part)
+    return acc
+
+
+def _fp16_program(tmp_path, build, shape, chunks=None):
+    from exporters.coreml.fp16_accumulation import Chunks
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=ct.target.iOS16)
+    def prog(x):
+        return mb.cast(x=build(mb.cast(x=x, dtype="fp16")), dtype="fp32", name="y")
+
+    ml = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                    compute_precision=ct.precision.FLOAT32, pass_pipeline=ct.PassPipeline.EMPTY)
+    path = tmp_path / f"acc{abs(hash(shape)) % 10**6}.mlpackage"
+    ml.save(str(path))
+    return CoreMLProgram(path), CoreMLProgram(path, accumulation="fp16", chunks=chunks or Chunks())
+
+
+def test_fp16_accumulation_of_linear_and_conv_follows_the_chunk_model(tmp_path):
+    from exporters.coreml.fp16_accumulation import Chunks
+
+    x = _fp16(RNG.standard_normal((1, 6, 5, 5)) * 3)
+    w = _fp16(RNG.standard_normal((4, 3, 3, 3)))           # groups=2: 3 input channels a group, 27 products a sum
+    cpu, ne = _fp16_program(tmp_path, lambda t: mb.conv(x=t, weight=w.astype(np.float16), groups=2), x.shape,
+                            Chunks(products=9, reduction=4))  # 1 input channel (9 products) per FP16 partial
+    y32, y16 = cpu.run({"x": x})["y"], ne.run({"x": x})["y"]
+    for o in range(4):
+        g = o // 2
+        for i in range(3):
+            for j in range(3):
+                patch = x[0, 3 * g:3 * g + 3, i:i + 3, j:j + 3]
+                terms = (patch * w[o]).reshape(3, 9)              # channel by channel: the chunk order
+                assert y16[0, o, i, j] == _fp16_sum(terms.reshape(-1), 9), (o, i, j)
+                assert y32[0, o, i, j] == _fp16(np.sum(terms, dtype=np.float64))
+    v = _fp16(RNG.standard_normal((2, 70)))
+    wl = _fp16(RNG.standard_normal((3, 70)))
+    _, ne = _fp16_program(tmp_path, lambda t: mb.linear(x=t, weight=wl.astype(np.float16)), v.shape)
+    got = ne.run({"x": v})["y"]
+    want = np.array([[_fp16_sum(v[r] * wl[c], 32) for c in range(3)] for r in range(2)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fp16_accumulation_shows_the_long_mean_gap(tmp_path):
+    """A squeeze-excite mean over 112 x 112 FP16 values (B0's first): with FP32 accumulation it is the FP16
+    rounding of the exact mean; with FP16 accumulation the running sum reaches thousands, where FP16's step is
+    4 to 8, and it is visibly off, exactly as the chunk model says."""
+    x = _fp16(np.abs(RNG.standard_normal((1, 8, 112, 112))) * 0.6)
+    cpu, ne = _fp16_program(tmp_path, lambda t: mb.reduce_mean(x=t, axes=[2, 3], keep_dims=False), x.shape)
+    y32, y16 = cpu.run({"x": x})["y"], ne.run({"x": x})["y"]
+    exact = x.reshape(8, -1).astype(np.float64).mean(1)
+    np.testing.assert_array_equal(y32[0], _fp16(exact))
+    np.testing.assert_array_equal(y16[0], [_fp16(_fp16_sum(x[0, c].reshape(-1), 4) / (112 * 112)) for c in range(8)])
+    rel = np.abs(y16[0] - exact) / exact
+    assert rel.max() > 20 * np.abs(y32[0] - exact).max() / exact.min(), (rel, y32[0], exact)
+
+
+def test_fp16_accumulation_leaves_fp32_typed_ops_alone(tmp_path):
+    """An FP32-typed op cannot run on the Neural Engine: the mode changes nothing for it."""
+    x = RNG.standard_normal((1, 8, 30, 30)).astype(np.float32)
+    build = lambda t: mb.reduce_mean(x=t, axes=[2, 3], keep_dims=False)   # noqa: E731
+    path = _single_op_program(tmp_path, build, x.shape, ct.target.iOS16).path
+    a = CoreMLProgram(path).run({"x": x})["y"]
+    b = CoreMLProgram(path, accumulation="fp16").run({"x": x})["y"]
+    np.testing.assert_array_equal(a, b)

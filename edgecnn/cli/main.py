@@ -139,6 +139,8 @@ def _cmd_validate(args) -> int:
             _say(f"  latency  batch 1 p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms")
         if "reason" in result:
             _say(f"  {result['reason']}")
+        for line in result.get("details", []):   # e.g. Core ML on a Mac: one line per compute unit
+            _say(f"  {line}")
     if result["status"] == "failed":
         raise GateFailed(f"{args.dir} failed its parity gate: {result['parity']['reason']}")
     return 0

@@ -89,8 +89,11 @@ def _cmd_trt(args) -> int:
 
 
 def _cmd_merge(args) -> int:
+    from .. import coreml_results
     from ..device_results import merge_results
 
+    if coreml_results.is_results_file(args.results):   # `edgecnn validate` of a Core ML bundle on a Mac
+        return coreml_results.cmd_merge(args)
     gate = None
     if args.int8_max_drop is not None or args.int8_min_agreement is not None:
         from exporters.parity import Gate

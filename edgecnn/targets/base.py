@@ -68,3 +68,8 @@ class Target:
 
     def runtime_unavailable_reason(self, manifest: dict) -> str:
         return f"no {self.name} runtime on this machine"
+
+    def validate_on_device(self, bundle: Path, manifest: dict, *, latency: bool = True) -> Optional[dict]:
+        """A validation of its own on this machine, where the target's device run differs from one runner on the
+        reference inputs (Core ML on a Mac: every compute unit); None: validate with ``open_runner``."""
+        return None

@@ -1,4 +1,5 @@
-"""PyTorch module -> Core ML ML Program (``.mlpackage``) in FP32, FP16, W8A8 INT8 or INT8 weight-only.
+"""PyTorch module -> Core ML ML Program (``.mlpackage``) in FP32, FP16, W8A8 INT8 or a weight-only precision
+(int8-weights, palettized8/6/4, int4-weights: ``exporters.coreml.compression``).
 
 Two variants of one network are written, because app code feeds a model in one of two ways:
 
@@ -15,8 +16,10 @@ a classifier with a second output trips an index bug in coremltools' backend whe
 set, so the program is converted to MIL first (output types fixed there) and then to an ML Program
 with the classifier; W8A8 goes through ``coremltools.optimize.torch``'s ``LinearQuantizer`` used for
 calibration only (iOS17+, trace path; ``StochasticDepth`` stripped before ``prepare`` because
-``prepare_qat_fx`` traces the training branch); weight-only INT8 is ``linear_quantize_weights``
-per-channel (iOS16+). ``MLModel.predict`` is macOS-only; nothing here calls it.
+``prepare_qat_fx`` traces the training branch), with the logits kept float as in FP16; the weight-only
+precisions are coremltools.optimize.coreml graph passes run on the MIL program. Every package is named for
+Xcode, records torch as its source and is read back through coremltools' program loader, which also gives its
+Neural Engine report (``packaging``, ``neural_engine``). ``MLModel.predict`` is macOS-only; nothing here calls it.
 """
 from __future__ import annotations
 
@@ -39,19 +42,22 @@ import numpy as np
 from calibration.spec import InputSpec
 
 from ..errors import ExportError, ToolchainMissing
+from . import compression, neural_engine, packaging
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp16", "int8", *compression.PRECISIONS)
 IOS_VERSIONS = (16, 17, 18)
-MIN_IOS = {"fp32": 16, "fp16": 16, "int8-weights": 16, "int8": 17}   # W8A8 quantize/dequantize ops need iOS17
+# W8A8 quantize/dequantize ops need iOS17; 4-bit per-block weights need iOS18
+MIN_IOS = {"fp32": 16, "fp16": 16, "int8": 17, "int8-weights": 16, "palettized8": 16, "palettized6": 16,
+           "palettized4": 16, "int4-weights": 18}
 VARIANTS = ("image", "tensor")
 IMAGE_INPUT = "image"
 LOGITS = "logits"
 PROBS = "probs"                       # renamed by the classifier to f"{CLASS_LABEL}_probs"
 CLASS_LABEL = "classLabel"
 AUTHOR = "edgecnn"
-LICENSE = "Weights: see the edgecnn manifest (torchvision / PyPI package licences); edgecnn: Apache-2.0"
+LICENSE = "Model file written by edgecnn (Apache-2.0); the weights' licence is their owner's"
 
 
 def import_coremltools():
@@ -98,6 +104,8 @@ class CoreMLExportInfo:
     precision: str
     compute_precision: str                # "float16" or "float32": what the program computes in
     spec_version: int = 0
+    neural_engine: Dict[str, object] = field(default_factory=dict)   # exporters.coreml.neural_engine.report
+    logits_from: List[str] = field(default_factory=list)             # op types from logits back to their producer
     inputs: List[dict] = field(default_factory=list)
     outputs: List[dict] = field(default_factory=list)
     ops: Dict[str, int] = field(default_factory=dict)
@@ -108,7 +116,8 @@ class CoreMLExportInfo:
         return {"path": os.path.basename(self.path), "variant": self.variant, "ios": self.ios,
                 "precision": self.precision, "compute_precision": self.compute_precision,
                 "spec_version": self.spec_version, "inputs": self.inputs, "outputs": self.outputs,
-                "ops": dict(sorted(self.ops.items())), "seconds": round(self.seconds, 2), "notes": list(self.notes)}
+                "ops": dict(sorted(self.ops.items())), "seconds": round(self.seconds, 2), "notes": list(self.notes),
+                "logits_from": list(self.logits_from), "neural_engine": self.neural_engine}
 
 
 # ---------------------------------------------------------------------------------------------- wrappers
@@ -239,10 +248,10 @@ def convert_variant(module, spec: InputSpec, variant: str, *, precision: str, io
     with _quiet():
         prog = ct.convert(traced, inputs=inputs, outputs=outputs, convert_to="milinternal",
                           minimum_deployment_target=target, compute_precision=compute)
-        if precision == "int8-weights":
+        if precision in compression.PRECISIONS:
             for fn in prog.functions.values():  # ops the pass adds carry no TorchScript scope; don't demand one
                 fn._essential_scope_sources = []
-            _weight_quant_pass().apply(prog)
+            compression.graph_pass(precision, ios, prog).apply(prog)
         if classifier is not None:
             prog.functions["main"].set_output_types(None)  # already float32 (cast in the MIL program)
         return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=target,
@@ -273,20 +282,6 @@ def _fp16_selector(image_input: Optional[str]):
         return True
 
     return select
-
-
-def _weight_quant_pass():
-    """Weight-only INT8 (the graph pass behind ``linear_quantize_weights``): symmetric, per output channel."""
-    import_coremltools()
-    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
-    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
-    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig
-
-    cfg = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                                                   granularity="per_channel", weight_threshold=2048))
-    p = PASS_REGISTRY["compression::linear_quantize_weights"]
-    p.set_options([PassOption("config", cfg), PassOption("joint_compression", False)])
-    return p
 
 
 def set_metadata(ml, spec: InputSpec, variant: str, metadata: Dict[str, str], *, description: str,
@@ -360,33 +355,21 @@ def op_counts(ml) -> Dict[str, int]:
 def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precision: str = "fp16",
                   ios: Optional[int] = None, labels: Sequence[str], metadata: Optional[Dict[str, str]] = None,
                   quantized=None, quantized_info: Optional[dict] = None, variants: Sequence[str] = VARIANTS,
-                  description: str = "", file_names: Optional[Dict[str, str]] = None) -> tuple:
-    """Write one ``.mlpackage`` per variant into ``out_dir``.
+                  description: str = "", file_names: Optional[Dict[str, str]] = None,
+                  license: str = LICENSE) -> tuple:
+    """Write one ``.mlpackage`` per variant into ``out_dir``, named for Xcode (``packaging.xcode_names`` of
+    ``metadata["edgecnn.arch"]`` unless ``file_names`` says otherwise).
 
     Returns ({variant: CoreMLExportInfo}, recipe dict). ``int8`` (W8A8) converts ``quantized``, the module
     the INT8 engine finalized (``exporters.coreml.w8a8.W8A8Recipe.finalize``), described by ``quantized_info``.
+    Every package is read back through coremltools' program loader, which also gives its Neural Engine report.
     """
     ios = resolve_ios(precision, ios)
     metadata = dict(metadata or {})
-    names = {"image": "model.mlpackage", "tensor": "model_tensor.mlpackage", **(file_names or {})}
+    names = {**packaging.xcode_names(metadata.get("edgecnn.arch", "model"), precision), **(file_names or {})}
     out_dir = Path(out_dir)
-    recipe: dict = {"precision": precision, "ios": ios}
-    net = module.eval()
-    if precision == "int8":
-        if quantized is None:
-            raise ExportError("Core ML int8 (W8A8) converts a module the INT8 engine quantized; none was given")
-        net = quantized
-        recipe.update(quantized_info or {}, compute="float16 between quantize/dequantize pairs",
-                      note="W8A8: weights and activations 8-bit (Core ML quantize/dequantize, iOS17+)")
-    elif precision == "int8-weights":
-        recipe.update(method="coremltools.optimize.coreml linear_quantize_weights pass", weights="int8 symmetric, "
-                      "per output channel; tensors under 2048 elements (e.g. depthwise kernels) stay float16",
-                      activations="float16 (not quantized)",
-                      note="weight-only 8-bit: smaller file, float16 compute; not W8A8 (that is --precision int8)")
-    elif precision == "fp16":
-        recipe.update(method="coremltools compute_precision=FLOAT16", io_types="float32 inputs/outputs (explicit)")
-    else:
-        recipe.update(method="coremltools compute_precision=FLOAT32")
+    recipe = _recipe(precision, ios, quantized, quantized_info)
+    net = quantized if precision == "int8" else module.eval()
     infos = {}
     for variant in variants:
         t0 = time.perf_counter()
@@ -398,20 +381,43 @@ def export_coreml(module, spec: InputSpec, out_dir: str | os.PathLike, *, precis
             raise ExportError(f"Core ML conversion ({variant} variant, {precision}, iOS {ios}) failed: "
                               f"{_first_line(exc)}", hint="rerun with --debug for the traceback") from exc
         set_metadata(ml, spec, variant, {**metadata, "edgecnn.recipe": json.dumps(recipe, sort_keys=True)},
-                     description=description or f"{metadata.get('edgecnn.arch', 'CNN')} classifier ({precision})")
+                     description=description or f"{metadata.get('edgecnn.arch', 'CNN')} classifier ({precision})",
+                     license=license)
+        packaging.record_provenance(ml, image_classifier=variant == "image")
         path = out_dir / names[variant]
         if path.exists():
             shutil.rmtree(path)
         with _quiet():
             ml.save(os.fspath(path))
+            program = packaging.reload_program(path)
+        chain = packaging.check_float_logits(program, path) if precision == "int8" else \
+            packaging.logits_producer(program)
         ins, outs = describe_io(ml)
         _check_float32_io(ins, outs, variant, path)
         infos[variant] = CoreMLExportInfo(
             path=os.fspath(path), variant=variant, ios=ios, precision=precision,
             compute_precision="float32" if precision == "fp32" else "float16",
             spec_version=int(ml.get_spec().specificationVersion), inputs=ins, outputs=outs, ops=op_counts(ml),
-            seconds=time.perf_counter() - t0)
+            seconds=time.perf_counter() - t0, logits_from=chain,
+            neural_engine=neural_engine.report(program, precision, scheme=recipe.get("scheme")))
     return infos, recipe
+
+
+def _recipe(precision: str, ios: int, quantized, quantized_info: Optional[dict]) -> dict:
+    """The manifest's (and the model metadata's) account of how ``precision`` was produced."""
+    recipe: dict = {"precision": precision, "ios": ios}
+    if precision == "int8":
+        if quantized is None:
+            raise ExportError("Core ML int8 (W8A8) converts a module the INT8 engine quantized; none was given")
+        recipe.update(quantized_info or {}, compute="float16 between quantize/dequantize pairs",
+                      note="W8A8: weights and activations 8-bit (Core ML quantize/dequantize, iOS17+)")
+    elif precision in compression.PRECISIONS:
+        recipe.update(compression.describe(precision, ios))
+    elif precision == "fp16":
+        recipe.update(method="coremltools compute_precision=FLOAT16", io_types="float32 inputs/outputs (explicit)")
+    else:
+        recipe.update(method="coremltools compute_precision=FLOAT32")
+    return recipe
 
 
 def _check_float32_io(inputs: List[dict], outputs: List[dict], variant: str, path: Path) -> None:

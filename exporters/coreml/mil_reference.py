@@ -4,8 +4,10 @@
 ``.mlpackage`` directly: it reads the program from the package's ``Model.mlmodel`` and every weight
 with coremltools' own MIL-proto value loader (``weights/weight.bin``, 64-byte aligned blobs), then
 executes the ops in program order, computing in FP32 and rounding every op output to the dtype the
-program declares for it (FP16 storage between FP16 ops is mimicked exactly; FP16 *arithmetic inside*
-an op is not — Apple's kernels may accumulate differently, which is why FP16 gates are cosine gates).
+program declares for it (FP16 storage between FP16 ops is mimicked exactly): one legal, CPU-like execution.
+Its second mode, ``accumulation="fp16"``, sums the long reductions of FP16-typed ops in FP16 in chunks
+(``exporters.coreml.fp16_accumulation``): the pessimistic, Neural-Engine-like end of the bracket a device
+lies in. Palettized weights are decompressed with coremltools' own functions.
 
 It covers the ops our exports of the zoo produce (and a few neighbours); an op it does not know is
 refused when the program is loaded, with an error naming the op — never skipped. Each op's MIL
@@ -32,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ExportError, ModelFileError, UnsupportedOp
+from . import fp16_accumulation
 
 RUNTIME_NAME = "coreml-reference-executor"
 
@@ -269,6 +272,17 @@ def op_constexpr_blockwise_shift_scale(data, scale, offset=None):
     return x * _expand_blocks(scale, x.shape)
 
 
+def op_constexpr_lut_to_dense(lut, indices, shape=None, vector_axis=None):
+    """Palettized weights: coremltools' own decompression (iOS16 form: packed indices + ``shape``; iOS18 form:
+    sub-byte index tensor, LUT per group of channels, optional vector axis)."""
+    from coremltools.converters.mil.mil.ops.defs.iOS16.constexpr_ops import constexpr_lut_to_dense as ios16
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_lut_to_dense as ios18
+
+    if shape is not None:
+        return ios16.decompress(np.asarray(lut), np.asarray(indices), np.asarray(shape))
+    return ios18.decompress(np.asarray(indices), np.asarray(lut), vector_axis)
+
+
 def op_cast(x, dtype):
     dt = _NAME_TO_NP[str(dtype)]
     if dt == np.float16:
@@ -316,7 +330,7 @@ OPS: Dict[str, Callable[..., Any]] = {
     "sigmoid": _sigmoid,
     "silu": lambda x: x * _sigmoid(x),
     "sigmoid_hard": lambda x, alpha=0.2, beta=0.5: np.clip(np.float32(alpha) * x + np.float32(beta), 0, 1),
-    "thresholded_relu": lambda x, alpha=1.0: np.where(x > alpha, x, 0).astype(x.dtype),
+    "thresholded_relu": lambda x, alpha=1.0: np.where(x >= np.float32(alpha), x, 0).astype(x.dtype),  # MIL: x >= alpha
     "tanh": lambda x: np.tanh(x),
     "gelu": _gelu,
     "exp": lambda x: np.exp(x),
@@ -343,6 +357,7 @@ OPS: Dict[str, Callable[..., Any]] = {
 CONSTEXPR_OPS: Dict[str, Callable[..., Any]] = {
     "constexpr_affine_dequantize": op_constexpr_affine_dequantize,
     "constexpr_blockwise_shift_scale": op_constexpr_blockwise_shift_scale,
+    "constexpr_lut_to_dense": op_constexpr_lut_to_dense,
 }
 
 
@@ -617,7 +632,9 @@ KERNELS: Dict[str, Tuple[Callable[[Dict[str, Any]], Callable[..., Any]], Tuple[s
     "sigmoid": (k_unary(lambda x: _torch().sigmoid(x)), ("x",)),
     "silu": (k_unary(lambda x: _F().silu(x)), ("x",)),
     "sigmoid_hard": (k_unary(lambda x, a, b: (x * a + b).clamp_(0.0, 1.0), ("alpha", 0.2), ("beta", 0.5)), ("x",)),
-    "thresholded_relu": (k_unary(lambda x, a: _F().threshold(x, a, 0.0), ("alpha", 1.0)), ("x",)),
+    # MIL keeps x where x >= alpha (torch's threshold keeps x > alpha only; HardSwish programs use alpha = -3)
+    "thresholded_relu": (k_unary(lambda x, a: _torch().where(x >= a, x, _torch().zeros((), dtype=x.dtype)),
+                                 ("alpha", 1.0)), ("x",)),
     "tanh": (k_unary(lambda x: _torch().tanh(x)), ("x",)),
     "exp": (k_unary(lambda x: _torch().exp(x)), ("x",)),
     "sqrt": (k_unary(lambda x: _torch().sqrt(x)), ("x",)),
@@ -758,12 +775,23 @@ def _keep_freed_memory() -> None:
         pass
 
 
-class CoreMLProgram:
-    """The ``main`` function of an ML Program, loaded and ready to execute."""
+ACCUMULATIONS = ("fp32", "fp16")
 
-    def __init__(self, package: str | os.PathLike):
+
+class CoreMLProgram:
+    """The ``main`` function of an ML Program, loaded and ready to execute.
+
+    ``accumulation``: "fp32" (the default: each op computed in FP32, its output rounded to its declared dtype;
+    CPU-like) or "fp16" (sums of FP16-typed conv/linear/matmul/reduce ops accumulated in FP16, in ``chunks``;
+    Neural-Engine-like, see ``exporters.coreml.fp16_accumulation``)."""
+
+    def __init__(self, package: str | os.PathLike, *, accumulation: str = "fp32",
+                 chunks: Optional[fp16_accumulation.Chunks] = None):
         from .export import import_coremltools
 
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation {accumulation!r}: use one of {', '.join(ACCUMULATIONS)}")
+        self.accumulation, self.chunks = accumulation, chunks or fp16_accumulation.Chunks()
         import_coremltools()
         from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
 
@@ -867,7 +895,9 @@ class CoreMLProgram:
                 codes[name] = code
             exact = op.type in EXACT_OPS and in_codes == {outputs[0][1]} and len({c for _, c in outputs}) == 1
             kernel, accepts = KERNELS.get(op.type, (None, ()))
-            if kernel is not None and all(arg in accepts for arg, _, _ in dynamic):
+            if self._accumulates_in_fp16(op.type, outputs, dynamic):
+                run = fp16_accumulation.KERNELS[op.type](static, self.chunks, _pads_2d)
+            elif kernel is not None and all(arg in accepts for arg, _, _ in dynamic):
                 run = kernel(static)
             else:
                 run = _numpy_kernel(OPS[op.type], static)
@@ -892,8 +922,14 @@ class CoreMLProgram:
         if missing:
             raise ModelFileError(f"{self.path.name}: program outputs {missing} are not produced by any op")
 
+    def _accumulates_in_fp16(self, op_type: str, outputs, dynamic) -> bool:
+        return (self.accumulation == "fp16" and op_type in fp16_accumulation.KERNELS
+                and outputs[0][1] == _FLOAT16
+                and all(arg in fp16_accumulation.ACCEPTS[op_type] for arg, _, _ in dynamic))
+
     # -- running
-    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    def run(self, feeds: Dict[str, np.ndarray], also: Sequence[str] = ()) -> Dict[str, Any]:
+        """The program's outputs for ``feeds`` (and the intermediate variables named in ``also``)."""
         env: Dict[str, Any] = {}
         for name, (shape, code) in self.inputs.items():
             if name not in feeds:
@@ -902,15 +938,16 @@ class CoreMLProgram:
             if tuple(x.shape) != shape:
                 raise ModelFileError(f"{self.path.name}: input {name!r} has shape {tuple(x.shape)}, the program takes {shape}")
             env[name] = _from_np(_round_to(x.astype(np.float32) if code in (_FLOAT16, _FLOAT32) else x, code))
-        self._execute(env)
-        out = {}
+        kept = self._execute(env, set(also))
+        out = {n: v.contiguous().numpy() for n, v in kept.items()}
         for n in self.output_names:
             v = env[n] if n in env else self.consts[n]
             out[n] = v.contiguous().numpy() if isinstance(v, _torch().Tensor) else v
         return out
 
-    def _execute(self, env: Dict[str, Any]) -> None:
+    def _execute(self, env: Dict[str, Any], keep: set) -> Dict[str, Any]:
         torch = _torch()
+        kept: Dict[str, Any] = {}
         # exp overflow in a NumPy fallback's sigmoid is exact (-> 0/1)
         with torch.inference_mode(), np.errstate(over="ignore", under="ignore"):
             for step in self.steps:
@@ -934,8 +971,11 @@ class CoreMLProgram:
                 else:
                     for (name, code, mode), value in zip(step.outputs, result):
                         env[name] = _round_tensor(value, code, mode == 1) if mode else value
+                if keep:
+                    kept.update({n: env[n].clone() for n, _, _ in step.outputs if n in keep})
                 for n in step.free_after:
                     env.pop(n, None)
+        return kept
 
 
 def _ct_version() -> str:

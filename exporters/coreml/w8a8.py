@@ -40,11 +40,60 @@ def _unit(name: str, depth: int = UNIT_DEPTH) -> str:
     return ".".join(name.split(".")[:depth])
 
 
+def _covers(unit: str, name: str) -> bool:
+    """``unit`` is the module ``name`` or one of its parents."""
+    return name == unit or name.startswith(unit + ".")
+
+
+def classifier_tail(model) -> List[str]:
+    """The module that produces the logits and the leaf modules registered after it (SqueezeNet: its ReLU and
+    average pool), the classifier first. The classifier is the last Conv2d/Linear the model registers (the zoo's
+    and torchvision's nets register their head last). The converter reads the program back and refuses a W8A8
+    model whose logits are quantized, so a net where this guess is wrong fails loudly."""
+    from torch import nn
+
+    leaves = [(name, mod) for name, mod in model.named_modules() if name and not list(mod.children())]
+    last = max((i for i, (_, mod) in enumerate(leaves) if isinstance(mod, (nn.Conv2d, nn.Linear))), default=None)
+    return [] if last is None else [name for name, _ in leaves[last:]]
+
+
+# ops between the classifier and the logits that only move, pool or reshape values
+_PASS_THROUGH = {"flatten", "reshape", "view", "squeeze", "mean", "adaptive_avg_pool2d", "avg_pool2d", "dropout",
+                 "relu", "contiguous"}
+
+
+def drop_output_quantizers(prepared, tail: Sequence[str]) -> int:
+    """Remove the activation quantizers between the classifier and the model's output (SqueezeNet's head
+    quantizes after its average pool and after the flatten, whatever the module configs say), so the logits
+    stay float; returns how many were removed. Walks back from the output through quantizers and
+    pass-through ops, and stops at the first other node."""
+    graph, dropped = prepared.graph, 0
+    node = next(n for n in graph.nodes if n.op == "output").args[0]
+    while hasattr(node, "op") and node.args:
+        target = str(node.target)
+        name = getattr(node.target, "__name__", target)
+        if node.op == "call_module" and target.startswith("activation_post_process"):
+            source = node.args[0]
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            dropped, node = dropped + 1, source
+        elif (node.op == "call_module" and target in tail[1:]) or (
+                node.op in ("call_function", "call_method") and name in _PASS_THROUGH):
+            node = node.args[0]
+        else:
+            break
+    if dropped:
+        graph.lint()
+        prepared.recompile()
+    return dropped
+
+
 class Calibrated:
     """A LinearQuantizer-prepared model whose observers have seen the calibration images (the "ranges")."""
 
-    def __init__(self, quantizer, prepared, images: int, float_units: Sequence[str]):
+    def __init__(self, quantizer, prepared, images: int, float_units: Sequence[str], output_quantizers_dropped=0):
         self.quantizer, self.prepared, self.images, self.float_units = quantizer, prepared, images, list(float_units)
+        self.output_quantizers_dropped = output_quantizers_dropped
 
     def describe(self) -> dict:
         return {"method": "minmax", "observer": "coremltools LinearQuantizer min_max (per tensor)",
@@ -64,6 +113,7 @@ class W8A8Recipe(Recipe):
         self.originals: Dict[str, object] = {}     # module name -> float weight, before rounding
         self.rounded: dict = {"method": "nearest"}
         self.calib = None                          # the whole calibration set, for ``finalize``
+        self.tail: List[str] = []                  # classifier (INT8 weights, float output) + what follows it
 
     # ---------------------------------------------------------------- the engine's steps
     def prepare(self, say) -> dict:
@@ -71,6 +121,7 @@ class W8A8Recipe(Recipe):
 
         import_coremltools()
         self.model, self.stripped = strip_for_quantization(self.module)
+        self.tail = classifier_tail(self.model)
         folded = False
         if self.rounding == "gptq":
             try:
@@ -113,12 +164,17 @@ class W8A8Recipe(Recipe):
         from coremltools.optimize.torch.quantization import (LinearQuantizer, LinearQuantizerConfig,
                                                              ModuleLinearQuantizerConfig)
 
-        # milestones: observers on at step 0, fake-quant never during calibration, BatchNorm frozen at step 0
-        global_cfg = ModuleLinearQuantizerConfig(quantization_scheme=self.scheme, weight_dtype=torch.qint8,
-                                                 weight_per_channel=True, activation_dtype=torch.quint8,
-                                                 activation_observer="min_max", weight_observer="min_max",
-                                                 milestones=[0, 10**9, 10**9, 0])
-        config = LinearQuantizerConfig(global_config=global_cfg, module_name_configs={n: None for n in float_units})
+        def module_config(activations):
+            # milestones: observers on at step 0, fake-quant never during calibration, BatchNorm frozen at step 0
+            return ModuleLinearQuantizerConfig(quantization_scheme=self.scheme, weight_dtype=torch.qint8,
+                                               weight_per_channel=True, activation_dtype=activations,
+                                               activation_observer="min_max", weight_observer="min_max",
+                                               milestones=[0, 10**9, 10**9, 0])
+
+        names = {n: None for n in float_units}
+        if self.tail and not any(_covers(unit, self.tail[0]) for unit in float_units):
+            names[self.tail[0]] = module_config(torch.float32)   # the classifier: INT8 weights, float output
+        config = LinearQuantizerConfig(global_config=module_config(torch.quint8), module_name_configs=names)
         quantizer = LinearQuantizer(self.model, config)
         example = torch.zeros(self.spec.batch_shape(1), dtype=torch.float32)
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -128,6 +184,7 @@ class W8A8Recipe(Recipe):
             except Exception as exc:  # torch.fx tracing raises many types
                 raise ExportError(f"coremltools LinearQuantizer could not prepare the model: {_first_line(exc)}",
                                   hint="use --precision int8-weights (weight-only INT8) for this architecture") from exc
+            dropped = drop_output_quantizers(prepared, self.tail)
             quantizer.step()
             prepared.eval()
             seen = 0
@@ -140,7 +197,7 @@ class W8A8Recipe(Recipe):
                     seen += len(batch)
         if seen == 0:
             raise ExportError("W8A8 calibration got no images", hint="pass CALIB=<folder of images>")
-        return Calibrated(quantizer, prepared, seen, float_units)
+        return Calibrated(quantizer, prepared, seen, float_units, dropped)
 
     def space(self, ranges: Calibrated, base: Dict[str, str], speedup) -> Space:
         return UnitSpace(self, ranges, base)
@@ -174,7 +231,9 @@ class W8A8Recipe(Recipe):
                 "scheme": self.scheme, "weights": f"int8 {self.scheme}, per output channel (min/max)",
                 "activations": f"8-bit {self.scheme} per tensor (quint8 in PyTorch, int8/uint8 quantize ops in the "
                                "program), ranges: min/max over the calibration images",
-                "calibration_images": calibrated.images, "kept_float": list(float_units)}
+                "calibration_images": calibrated.images, "kept_float": list(float_units),
+                "logits": (f"float, like the FP16 path: the classifier {self.tail[0]} has INT8 weights and a float "
+                           "output; nothing after it is quantized" if self.tail else "float")}
         return final, info
 
 
