@@ -8,11 +8,16 @@ from exporters import parity as parity_mod
 
 
 def _int8_line(recipe: dict) -> str:
-    """One line on the INT8 recipe: what stayed float, the probe before and after, what runs in INT8."""
+    """One line on the INT8 recipe: what stayed float, the probe before and after the float-layer search (by the
+    figure the search aims at), what runs in INT8."""
     fb = recipe.get("fallback") or {}
     before, after = fb.get("before") or {}, fb.get("after") or {}
-    probe = (f"probe agreement {before['top1_agreement']:.1%} -> {after['top1_agreement']:.1%}"
-             if "top1_agreement" in before and "top1_agreement" in after else "probe not run")
+    probe = "probe not run"
+    if "estimated_drop" in before and "estimated_drop" in after:   # what the search aims at on trained weights
+        probe = (f"probe estimated drop {100 * before['estimated_drop']:.2f} -> {100 * after['estimated_drop']:.2f} pt "
+                 f"(agreement {before.get('top1_agreement', 0):.1%} -> {after.get('top1_agreement', 0):.1%})")
+    elif "sqnr_db" in before and "sqnr_db" in after:                # random init: the SQNR structure check
+        probe = f"probe SQNR {before['sqnr_db']:.1f} -> {after['sqnr_db']:.1f} dB"
     report = recipe.get("report") or {}
     if "fused" in report:
         ops = f"{report['fused']} fused INT8 kernels, {report['float']} float ops"

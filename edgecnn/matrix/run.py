@@ -95,21 +95,55 @@ def _fmt_duration(s: float) -> str:
 
 
 def run_matrix(cfg: MatrixConfig) -> MatrixRun:
+    """Plan -> reuse what is unchanged -> build the rest in parallel -> time them one after another -> score ->
+    report. Raises ``Interrupted`` (after writing a partial report) on Ctrl-C."""
     t0 = time.perf_counter()
     started = _dt.datetime.now().astimezone()
     out = Path(cfg.out)
     jobs = int(cfg.jobs or plan_mod.default_jobs())
+    cells = _plan(cfg, out)
+    run_dir = _new_run_dir(cfg, started)
+    log_dir = (run_dir or out / state.STATE_DIR) / "logs"
+    results: Dict[str, CellResult] = {}
+    with Display(len(cells), quiet=cfg.quiet) as display:
+        display.note(f"matrix: {len(cells)} cells ({len(plan_mod.split_names(cfg.archs))} archs x "
+                     f"{len(plan_mod.split_names(cfg.targets))} targets x {len(plan_mod.split_names(cfg.precisions))} "
+                     f"precisions), weights {cfg.weights}, {jobs} at a time, artefacts in {out}")
+        to_run = _reuse_or_queue(cfg, out, cells, results, display)
+        interrupted, deferred = _build_phase(cfg, out, jobs, to_run, results, log_dir, display)
+        timings = 0
+        if not interrupted:
+            try:
+                timings = _timing_phase(cfg, out, cells, results, log_dir, display)
+            except _Interrupted:
+                interrupted = True
+    ordered = sorted(results.values(), key=lambda r: r.order)
+    add_speedups(ordered)
+    comparison = sc.compare(ordered, Path(cfg.scorecard)) if cfg.scorecard else sc.Comparison(None)
+    for r in ordered:
+        v = comparison.verdicts.get(r.id)
+        if v is not None:
+            r.scorecard = v.state
+    run = MatrixRun(cfg, ordered, started.isoformat(timespec="seconds"), time.perf_counter() - t0, jobs, comparison,
+                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred, timed=timings)
+    _write_outputs(cfg, run)
+    if interrupted:
+        raise Interrupted("the matrix was interrupted" + (f"; partial report in {run_dir}" if run_dir else ""),
+                          hint="run it again: finished cells are reused")
+    return run
+
+
+def _plan(cfg: MatrixConfig, out: Path) -> List[Cell]:
+    """The cells with their input keys (an unusable calibration set or scorecard fails the whole run now, not
+    after an hour of exports)."""
     cells = plan_mod.expand(plan_mod.split_names(cfg.archs), plan_mod.split_names(cfg.targets),
                             plan_mod.split_names(cfg.precisions))
     if not cells:
         from ..errors import UsageError
 
         raise UsageError("the matrix is empty", hint="give at least one arch, target and precision")
-
     if cfg.scorecard and Path(cfg.scorecard).exists():
-        sc.load(Path(cfg.scorecard))        # a broken scorecard fails now, not after an hour of exports
-
-    # input keys (may fail for the whole run: an unusable calibration set is everyone's problem)
+        sc.load(Path(cfg.scorecard))
     calib_fp = plan_mod.CalibrationFingerprints(cfg.calib, cfg.options, cfg.strict_calib, cfg.eval_set)
     export_args = {"strict_calib": cfg.strict_calib, "calib": str(cfg.calib) if cfg.calib else None,
                    "eval": str(cfg.eval_set) if cfg.eval_set else None}
@@ -121,101 +155,84 @@ def run_matrix(cfg: MatrixConfig) -> MatrixRun:
             learned = state.last_peak_rss(out, cell)
             if learned:
                 cell.mem_mb = learned * 1.1
+    return cells
 
-    run_dir = None
-    if cfg.report_dir:
-        run_dir = Path(cfg.report_dir) / f"matrix-{started.strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while run_dir.exists():
-            n += 1
-            run_dir = Path(cfg.report_dir) / f"matrix-{started.strftime('%Y%m%d-%H%M%S')}-{n}"
-        run_dir.mkdir(parents=True)
-    log_dir = (run_dir or out / state.STATE_DIR) / "logs"
 
-    results: Dict[str, CellResult] = {}
-    to_run: List[Cell] = []
-    interrupted = False
-    deferred = 0
-    timings = 0
-    with Display(len(cells), quiet=cfg.quiet) as display:
-        display.note(f"matrix: {len(cells)} cells ({len(plan_mod.split_names(cfg.archs))} archs x "
-                     f"{len(plan_mod.split_names(cfg.targets))} targets x {len(plan_mod.split_names(cfg.precisions))} "
-                     f"precisions), weights {cfg.weights}, {jobs} at a time, artefacts in {out}")
-        for cell in cells:
-            if cell.error is not None:
-                r = error_result(cell.arch, cell.target, cell.precision, outcome="refused", reason=_reason(cell.error),
-                                 family=cell.error.family, exit_code=cell.error.exit_code, order=cell.order)
-                results[cell.id] = r
-                display.finish(r)
-                continue
-            reused = None if cfg.force else state.reusable(out, cell, failures=not cfg.retry_failed)
-            if reused is not None:
-                reused.order = cell.order
-                results[cell.id] = reused
-                display.finish(reused)
-            else:
+def _new_run_dir(cfg: MatrixConfig, started) -> Optional[Path]:
+    if not cfg.report_dir:
+        return None
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = Path(cfg.report_dir) / f"matrix-{stamp}", 1
+    while run_dir.exists():
+        n += 1
+        run_dir = Path(cfg.report_dir) / f"matrix-{stamp}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _reuse_or_queue(cfg: MatrixConfig, out: Path, cells: List[Cell], results: Dict[str, CellResult],
+                    display: Display) -> List[Cell]:
+    """Record refused and reusable cells; return the cells to build."""
+    to_run = []
+    for cell in cells:
+        if cell.error is not None:
+            r = error_result(cell.arch, cell.target, cell.precision, outcome="refused", reason=_reason(cell.error),
+                             family=cell.error.family, exit_code=cell.error.exit_code, order=cell.order)
+        else:
+            r = None if cfg.force else state.reusable(out, cell, failures=not cfg.retry_failed)
+            if r is None:
                 to_run.append(cell)
+                continue
+            r.order = cell.order
+        results[cell.id] = r
+        display.finish(r)
+    return to_run
 
-        def make_job(cell: Cell, log: Path) -> dict:
-            return {"kind": "export", "arch": cell.arch, "target": cell.target, "precision": cell.precision,
-                    "weights": cfg.weights, "calib": cfg.calib, "eval": cfg.eval_set, "out": str(out),
-                    "options": cfg.options.to_dict(),
-                    "strict_calib": cfg.strict_calib, "lock_timeout": cfg.lock_timeout,
-                    "threads": max(1, plan_mod.default_jobs() // max(1, min(jobs, len(to_run)))),
-                    "timing_dir": str(state.timing_dir(out, cell)) if cfg.options.latency else None,
-                    "log": str(log)}
 
-        def on_done(o: Outcome) -> None:
-            r = _collect(o, out)
-            results[o.cell.id] = r
-            display.finish(r)
+def _build_phase(cfg: MatrixConfig, out: Path, jobs: int, to_run: List[Cell], results: Dict[str, CellResult],
+                 log_dir: Path, display: Display) -> tuple:
+    """Build and check ``to_run`` in parallel (latency deferred to the timing phase); returns (interrupted,
+    times a cell waited for memory)."""
+    def make_job(cell: Cell, log: Path) -> dict:
+        return {"kind": "export", "arch": cell.arch, "target": cell.target, "precision": cell.precision,
+                "weights": cfg.weights, "calib": cfg.calib, "eval": cfg.eval_set, "out": str(out),
+                "options": cfg.options.to_dict(), "strict_calib": cfg.strict_calib, "lock_timeout": cfg.lock_timeout,
+                "threads": max(1, plan_mod.default_jobs() // max(1, min(jobs, len(to_run)))),
+                "timing_dir": str(state.timing_dir(out, cell)) if cfg.options.latency else None, "log": str(log)}
 
-        sched = Scheduler(jobs, make_job=make_job, log_dir=log_dir, mem_budget_mb=cfg.mem_budget_mb,
-                          cell_timeout=cfg.cell_timeout, on_start=display.start, on_stage=display.stage,
-                          on_done=on_done)
-        try:
-            sched.run(to_run)
-        except _Interrupted as exc:
-            interrupted = True
-            for o in exc.outcomes:
-                if o.cell.id not in results:
-                    on_done(o)
-            for cell in to_run:
-                if cell.id not in results:
-                    results[cell.id] = error_result(cell.arch, cell.target, cell.precision, outcome="interrupted",
-                                                    reason="not run: the matrix was interrupted",
-                                                    family="interrupted", exit_code=130, order=cell.order)
-        deferred = sched.deferred_for_memory
-        if not interrupted:
-            try:
-                timings = _timing_phase(cfg, out, cells, results, log_dir, display)
-            except _Interrupted:
-                interrupted = True
+    def on_done(o: Outcome) -> None:
+        r = _collect(o, out)
+        results[o.cell.id] = r
+        display.finish(r)
 
-    ordered = sorted(results.values(), key=lambda r: r.order)
-    add_speedups(ordered)
-    comparison = sc.compare(ordered, Path(cfg.scorecard)) if cfg.scorecard else sc.Comparison(None)
-    for r in ordered:
-        v = comparison.verdicts.get(r.id)
-        if v is not None:
-            r.scorecard = v.state
-    run = MatrixRun(cfg, ordered, started.isoformat(timespec="seconds"), time.perf_counter() - t0, jobs, comparison,
-                    run_dir=run_dir, interrupted=interrupted, deferred_for_memory=deferred, timed=timings)
-    if cfg.update_scorecard and cfg.scorecard and not interrupted:
-        run.scorecard_update = sc.update(ordered, Path(cfg.scorecard))
-    if run_dir is not None:
-        from . import report
+    sched = Scheduler(jobs, make_job=make_job, log_dir=log_dir, mem_budget_mb=cfg.mem_budget_mb,
+                      cell_timeout=cfg.cell_timeout, on_start=display.start, on_stage=display.stage, on_done=on_done)
+    try:
+        sched.run(to_run)
+    except _Interrupted as exc:
+        for o in exc.outcomes:
+            if o.cell.id not in results:
+                on_done(o)
+        for cell in to_run:
+            if cell.id not in results:
+                results[cell.id] = error_result(cell.arch, cell.target, cell.precision, outcome="interrupted",
+                                                reason="not run: the matrix was interrupted",
+                                                family="interrupted", exit_code=130, order=cell.order)
+        return True, sched.deferred_for_memory
+    return False, sched.deferred_for_memory
 
-        run.report = report.write(run, run_dir, run_info(run))
-        _point_latest(run_dir)
-    if cfg.results_doc and not interrupted:
-        from . import report
 
+def _write_outputs(cfg: MatrixConfig, run: MatrixRun) -> None:
+    """The scorecard update, the report folder and the docs table, as configured."""
+    from . import report
+
+    if cfg.update_scorecard and cfg.scorecard and not run.interrupted:
+        run.scorecard_update = sc.update(run.results, Path(cfg.scorecard))
+    if run.run_dir is not None:
+        run.report = report.write(run, run.run_dir, run_info(run))
+        _point_latest(run.run_dir)
+    if cfg.results_doc and not run.interrupted:
         run.report["results_doc"] = str(report.write_results_doc(run, Path(cfg.results_doc)))
-    if interrupted:
-        raise Interrupted("the matrix was interrupted" + (f"; partial report in {run_dir}" if run_dir else ""),
-                          hint="run it again: finished cells are reused")
-    return run
 
 
 def _timing_phase(cfg: MatrixConfig, out: Path, cells: List[Cell], results: Dict[str, CellResult], log_dir: Path,

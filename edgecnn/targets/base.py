@@ -28,6 +28,7 @@ class BuildContext:
     options: ExportOptions
     metadata: Dict[str, str]             # goes into the model file's own metadata fields
     say: Callable[[str], None] = print   # progress lines for long work
+    eval_labels: Optional[np.ndarray] = None   # class indices of eval_inputs when the evaluation set is labelled
     timing_dir: Optional[Path] = None    # latency deferred (the matrix): leave what its timing needs here
 
 

@@ -89,6 +89,10 @@ class CoreMLTarget(Target):
         if record is not None:
             record["quantizer"] = recipe
             recipe = record
+        elif ctx.precision.quantized:
+            # the weight-only precisions are judged by the INT8 gate too: record it, so that `validate` and the
+            # Mac merge re-judge them by the gate the export used, not the default
+            recipe = {**recipe, "gate": ctx.options.int8.gate().to_dict()}
         variants = {k: v.to_dict() for k, v in infos.items()}
         variants["image"]["validated_by"] = "the pipeline (all held-out images)"
         validated = self._check_tensor_variant(ctx, staging / names["tensor"], variants)
@@ -128,8 +132,9 @@ class CoreMLTarget(Target):
         n = min(SECONDARY_CHECK_IMAGES, len(ctx.eval_inputs))
         with self._runner(package, ctx.spec, image=image, threads=ctx.options.threads,
                           accumulation=accumulation) as runner:
+            labels = None if ctx.eval_labels is None else ctx.eval_labels[:n]
             parity = check_parity(runner, ctx.eval_inputs[:n], ctx.reference[:n], ctx.precision, trained=ctx.trained,
-                                  gate=ctx.options.int8.gate())
+                                  labels=labels, gate=ctx.options.int8.gate())
             return parity, runner.describe()
 
     def _check_tensor_variant(self, ctx: BuildContext, package: Path, variants: dict) -> str:

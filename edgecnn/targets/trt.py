@@ -116,7 +116,8 @@ class TrtTarget(Target):
         if ctx.precision == Precision.INT8:
             report = trt_bundle.check_qdq(staging / trt_bundle.MODEL_INT8)
             checks.append({"name": f"TensorRT Q/DQ rules on {trt_bundle.MODEL_INT8}", "passed": report.ok,
-                           "detail": _qdq_detail(report), "report": report.to_dict()})
+                           "detail": _qdq_detail(report),
+                           "report": {**report.to_dict(), "path": trt_bundle.MODEL_INT8}})  # bundle-relative
             if not report.ok:
                 failures.append(f"{trt_bundle.MODEL_INT8} would be refused by TensorRT's parser: {report.errors[0]}")
             todo.append((trt_bundle.MODEL_INT8, Precision.INT8))
@@ -124,7 +125,7 @@ class TrtTarget(Target):
             ctx.say(f"onnxruntime check of {name} on {len(ctx.eval_inputs)} held-out images (not TensorRT)")
             with OnnxRuntimeRunner(staging / name, threads=ctx.options.threads) as runner:
                 parity = check_parity(runner, ctx.eval_inputs, ctx.reference, precision, trained=ctx.trained,
-                                      gate=ctx.options.int8.gate()).to_dict()
+                                      labels=ctx.eval_labels, gate=ctx.options.int8.gate()).to_dict()
             checks.append({"name": f"onnxruntime check of {name}" + (" (the Q/DQ model)" if precision == Precision.INT8 else ""),
                            "passed": parity["passed"], "note": ONNXRUNTIME_NOTE,
                            "detail": f"{parity['gate']} | max rel err {parity['max_rel_error']:.2e}, cosine "

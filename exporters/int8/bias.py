@@ -31,7 +31,7 @@ from ..onnx.graph import attr as _attr, drop_unused_initializers
 from ..onnx.runner import OnnxRuntimeRunner, iter_tensors
 
 DAMP = 0.15
-PASSES = 8
+PASSES = 4                  # the SQNR gain flattens after 3-4 passes (Lite0: 21.0, 23.3, 24.0, 24.3, 24.6 dB)
 BATCH = 8
 
 PathLike = Union[str, os.PathLike]

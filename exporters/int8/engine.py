@@ -29,7 +29,7 @@ RANK_IMAGES = 48              # the per-layer sensitivity ranking uses the first
 RANDOM_SQNR_MARGIN_DB = 2.0   # random init: the probe is not the held-out images, aim a little above the gate
 PROBE_DROP_SHARE = 0.5        # trained weights: aim the probe's estimated drop at this share of the gate's
 PROBE_FRACTION = 0.5          # of the calibration groups, held out from the search's range fitting as its probe
-EMPIRICAL_BIAS_IMAGES = 128   # calibration images the empirical bias correction measures output means on
+EMPIRICAL_BIAS_IMAGES = 64    # calibration images the empirical bias correction measures output means on
 
 
 class Recipe:
