@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from exporters.parity import Gate
+
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 STATUSES = ("validated", "pending", "failed")
@@ -175,6 +177,10 @@ def _input_problems(spec: dict) -> List[str]:
     for key in ("mean", "std"):
         if len(spec[key]) != channels:
             out.append(f"input.{key} needs {channels} value(s), has {len(spec[key])}")
+    if spec.get("color_order", "RGB") not in ("RGB", "grey"):
+        out.append(f"input.color_order {spec['color_order']!r} is not RGB or grey")
+    elif spec.get("color_order", "RGB") == "RGB" and channels != 3:
+        out.append(f"input.color_order RGB needs 3 channels, not {channels}")
     if not all(math.isfinite(v) and v > 0 for v in spec["std"]):
         out.append("input.std values must be finite and > 0")
     if not all(math.isfinite(v) for v in spec["mean"]) or not (math.isfinite(spec.get("scale", 1.0)) and
@@ -218,6 +224,12 @@ def problems(manifest: dict) -> List[str]:
         if key in manifest:
             wrong = _record_problems(manifest[key], record, key)
             out += wrong or (_input_problems(manifest[key]) if key == "input" else [])
+    recipe = manifest.get("recipe")
+    if isinstance(recipe, dict) and "gate" in recipe:
+        try:
+            Gate.from_dict(recipe["gate"])
+        except ValueError as e:
+            out.append(str(e))
     num_classes = manifest.get("num_classes")
     if isinstance(num_classes, int) and not 1 <= num_classes <= MAX_CLASSES:
         out.append(f"num_classes must be 1 to {MAX_CLASSES:,}, not {num_classes}")

@@ -57,8 +57,20 @@ class Gate:
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "Gate":
-        d = d or {}
-        return cls(max_drop=float(d.get("max_drop", INT8_MAX_DROP)), min_agreement=d.get("min_agreement"))
+        """The gate a manifest records (``recipe.gate``); ValueError naming the field when it is malformed."""
+        d = {} if d is None else d
+        if not isinstance(d, dict):
+            raise ValueError(f"recipe.gate must be an object, not {type(d).__name__}")
+        max_drop, min_agreement = d.get("max_drop", INT8_MAX_DROP), d.get("min_agreement")
+        if not _is_fraction(max_drop):
+            raise ValueError(f"recipe.gate.max_drop must be a number from 0 to 1, not {max_drop!r}")
+        if min_agreement is not None and not _is_fraction(min_agreement):
+            raise ValueError(f"recipe.gate.min_agreement must be null or a number from 0 to 1, not {min_agreement!r}")
+        return cls(max_drop=float(max_drop), min_agreement=None if min_agreement is None else float(min_agreement))
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _rows(a) -> np.ndarray:

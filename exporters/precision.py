@@ -25,5 +25,10 @@ class Precision(str, Enum):
         return self.value
 
     @property
+    def quantized(self) -> bool:
+        """Judged by the INT8 gate: every precision below 16-bit float (the list ``exporters.parity.QUANTIZED``)."""
+        return self not in (Precision.FP32, Precision.FP16)
+
+    @property
     def is_int8(self) -> bool:
         return self in (Precision.INT8, Precision.INT8_WEIGHTS)

@@ -1034,6 +1034,17 @@ def test_manifest_bad_input_values(work, good_bundle):
     check("manifest_bad_input_values", *run_main(["validate", str(b), "--no-latency"]))
 
 
+def test_manifest_gate_malformed(work, good_bundle):
+    b = _edited(work, good_bundle, "b_gate", lambda m: {**m, "recipe": {**m["recipe"], "gate": {"max_drop": "abc"}}})
+    check("manifest_gate_malformed", *run_main(["validate", str(b), "--no-latency"]))
+
+
+def test_manifest_colour_channels(work, good_bundle):
+    b = _edited(work, good_bundle, "b_rgb1", lambda m: {**m, "input": {**m["input"], "channels": 1, "mean": [0.5],
+                                                                          "std": [0.5], "color_order": "RGB"}})
+    check("manifest_colour_channels", *run_main(["verify", str(b)]))
+
+
 # ------------------------------------------------------------------------------------------ stores and locks
 def test_publish_version_newline(work, good_bundle):
     store = work / "store_nl"
