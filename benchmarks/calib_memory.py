@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 
 _ITER_CHILD = r"""
@@ -83,6 +85,24 @@ def measure_pipeline(folder: Path, n: int, work: Path) -> dict:
     return result
 
 
+def _table(rows: list) -> str:
+    """Markdown: peak RSS per image count, and the growth from the first to the last count."""
+    lines = ["| images | iter_batches: base MB | peak MB | s | pipeline export: peak MB | s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        it, pl = r["iter"], r.get("pipeline")
+        lines.append(f"| {r['n']} | {it['base_mb']:.1f} | {it['peak_mb']:.1f} | {it['seconds']:.1f} | "
+                     + (f"{pl['peak_mb']:.1f} | {pl['seconds']:.1f} |" if pl else "- | - |"))
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        linear = (b["n"] - a["n"]) * 3 * 224 * 224 * 4 / 2 ** 20
+        lines += ["", f"iter_batches peak growth {a['n']} -> {b['n']} images: "
+                      f"{b['iter']['peak_mb'] - a['iter']['peak_mb']:+.1f} MB (holding them all would add {linear:.0f} MB)."]
+        if "pipeline" in a:
+            lines.append(f"Pipeline peak growth: {b['pipeline']['peak_mb'] - a['pipeline']['peak_mb']:+.1f} MB.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", type=int, nargs="+", default=[200, 2000])
@@ -102,21 +122,8 @@ def main() -> None:
                 row["pipeline"] = measure_pipeline(folder, n, work)
             rows.append(row)
             shutil.rmtree(folder, ignore_errors=True)
-        print(f"Peak RSS of calibration (fresh process each; machine shared, load {os.getloadavg()[0]:.1f})")
-        print(f"{'images':>7} | {'iter_batches: base MB':>21} | {'peak MB':>8} | {'s':>5} | {'pipeline export: peak MB':>24} | {'s':>5}")
-        for r in rows:
-            it, pl = r["iter"], r.get("pipeline")
-            print(f"{r['n']:>7} | {it['base_mb']:>21.1f} | {it['peak_mb']:>8.1f} | {it['seconds']:>5.1f} | "
-                  + (f"{pl['peak_mb']:>24.1f} | {pl['seconds']:>5.1f}" if pl else f"{'-':>24} | {'-':>5}"))
-        if len(rows) >= 2:
-            a, b = rows[0], rows[-1]
-            growth = b["iter"]["peak_mb"] - a["iter"]["peak_mb"]
-            linear = (b["n"] - a["n"]) * 3 * 224 * 224 * 4 / 2 ** 20
-            print(f"iter_batches peak growth {a['n']} -> {b['n']} images: {growth:+.1f} MB "
-                  f"(holding them all would add {linear:.0f} MB)")
-            if "pipeline" in a:
-                print(f"pipeline peak growth {a['n']} -> {b['n']} images: "
-                      f"{b['pipeline']['peak_mb'] - a['pipeline']['peak_mb']:+.1f} MB")
+        write_result("calib_memory", "Peak memory of calibration against the number of images", _table(rows),
+                     "python benchmarks/calib_memory.py " + " ".join(sys.argv[1:]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -43,7 +43,7 @@ def bench_one(arch: str, calib_size: int, eval_size: int, work: Path) -> dict:
     calib_s = time.perf_counter() - t0
     ev = cs.array("eval")
     m = parity.compare(run_onnx(fp32, ev), run_onnx(int8, ev))
-    lat = {t: side_by_side(fp32, int8, entry.spec.shape, threads=t, rounds=3, seconds=1.0) for t in (1, 2)}
+    lat = {t: side_by_side(fp32, int8, entry.spec.shape, threads=t, seconds=1.0) for t in (1, 2)}
     return {"arch": arch, "weights": "pretrained" if info.pretrained else "random", "agree": m.top1_agreement,
             "in5": m.ref_top1_in_top5, "cos": m.cosine, "sqnr": m.sqnr_db, "calib_s": calib_s,
             "fp32_mb": os.path.getsize(fp32) / 1e6, "int8_mb": os.path.getsize(int8) / 1e6, "lat": lat,

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         for k in ks:
             space.write(list(prepared.base) + ranked[:k])
             m = parity.compare(ref, run_onnx(out, ev))
-            lat = side_by_side(fp32, out, entry.spec.shape, threads=1, rounds=3, seconds=1.0)
+            lat = side_by_side(fp32, out, entry.spec.shape, threads=1, seconds=1.0)
             lines.append(f"| {k} | {len(ranked)} | {m.top1_agreement:.1%} | {m.ref_top1_in_top5:.1%} | {m.cosine:.4f} | "
                          f"{m.sqnr_db:.1f} | {m.flips} ({m.flips_near_tie}) | {lat['int8_p50_ms']:.2f} | "
                          f"{lat['fp32_p50_ms']:.2f} | {lat['speedup_vs_fp32']:.2f}x | {op_report(out)['fused']} |")

@@ -184,7 +184,7 @@ class CalibrationSet:
 
     def labels(self, split: str = "eval", limit: Optional[int] = None) -> Optional[np.ndarray]:
         """Class indices of the split's items, in ``iter_batches``/``array`` order; None unless every item
-        is labelled (a labelled .npz source). Bad images are skipped by ``array``, so callers check lengths."""
+        is labelled (an .npz with ``labels`` or an ImageFolder tree). Bad images are skipped by ``array``, so callers check lengths."""
         items = self._items(split)[: limit if limit is not None else None]
         if not items or any(it.label is None for it in items):
             return None

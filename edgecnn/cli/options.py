@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from exporters.int8.options import RANGE_METHODS
+
 from ..options import MAX_THREADS_PER_CORE, ExportOptions, apply_target_options, help_text, max_threads
 from ..safe_text import printable
 
@@ -100,7 +102,7 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-min-agreement", type=fraction, default=d.int8.min_agreement, metavar="FRACTION",
                    help="opt-in stricter INT8 gate: top-1 agreement with FP32 on held-out images, e.g. 0.99 "
                         "(default: none, agreement is reported as a diagnostic)")
-    p.add_argument("--calib-method", default=d.int8.ranges, choices=("minmax", "percentile", "entropy", "mse"),
+    p.add_argument("--calib-method", default=d.int8.ranges, choices=RANGE_METHODS,
                    help=f"INT8 activation range estimation (default {d.int8.ranges}; cached per model and images)")
     p.add_argument("--no-int8-fallback", action="store_true",
                    help="INT8: skip the per-layer sensitivity analysis and float fallback")
@@ -108,7 +110,7 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
                    help=f"INT8 weights: gptq = rounded with error compensation, nearest = plain (default "
                         f"{d.int8.weight_rounding})")
     p.add_argument("--ios", type=int, default=None, choices=(16, 17, 18),
-                   help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8)")
+                   help="coreml: iOS deployment target (default: 16; 17 for int8 W8A8, 18 for int4-weights)")
     p.add_argument("--target-option", action="append", default=[], metavar="SECTION.NAME=VALUE",
                    help="a target option (listed below); repeatable; applied after the flags above, so it wins")
 

@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 
@@ -87,9 +87,33 @@ def measure_latency(runner, input_shape: Sequence[int], *, throughput_batch: int
             "machine": machine_description()}
 
 
-def quick_speedup(fp32_path, shape, *, threads: int = 1, rounds: int = 2, seconds: float = 0.3):
+def alternated(calls: Dict[str, Callable[[], object]], *, seconds: float, min_rounds: int = 30,
+               warmup: int = 5) -> Dict[str, float]:
+    """Median milliseconds per call of each of ``calls``, timed call by call in alternation (A B B A A B ...:
+    neither goes first every time), for at least ``min_rounds`` rounds and ``seconds``, at most 4x that. Load
+    and clock changes on a shared machine then hit every model alike, so their ratios hold."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    names = list(calls)
+    times: Dict[str, list] = {k: [] for k in names}
+    start = time.perf_counter()
+    rounds = 0
+    while True:
+        for k in (names if rounds % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+        elapsed = time.perf_counter() - start
+        if (rounds >= min_rounds and elapsed >= seconds) or elapsed >= 4 * seconds:
+            break
+    return {k: float(np.median(v)) * 1000.0 for k, v in times.items()}
+
+
+def quick_speedup(fp32_path, shape, *, threads: int = 1, seconds: float = 0.6):
     """A callable ``path -> speed-up over FP32`` for the INT8 fallback's speed floor: FP32 and the candidate
-    timed alternately at batch 1 (short: it runs once per kept fallback step; the final artefact is timed
+    alternated call by call at batch 1 (short: it runs once per kept fallback step; the artefact is timed
     properly by ``side_by_side``)."""
     from exporters.onnx.runner import OnnxRuntimeRunner
 
@@ -97,48 +121,42 @@ def quick_speedup(fp32_path, shape, *, threads: int = 1, rounds: int = 2, second
     fp32 = OnnxRuntimeRunner(fp32_path, threads=threads)
 
     def measure(path) -> float:
-        cand = OnnxRuntimeRunner(path, threads=threads)
-        t = {"fp32": [], "int8": []}
-        for _ in range(rounds):
-            for k, r in (("fp32", fp32), ("int8", cand)):
-                t[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=5, min_seconds=seconds,
-                                      max_seconds=4 * seconds).p50_ms)
-        cand.close()
-        return float(np.median(t["fp32"]) / np.median(t["int8"]))
+        with OnnxRuntimeRunner(path, threads=threads) as cand:
+            ms = alternated({"fp32": lambda: fp32.run(x), "int8": lambda: cand.run(x)}, seconds=seconds, min_rounds=10)
+        return ms["fp32"] / ms["int8"]
 
     return measure
 
 
-def side_by_side(fp32_path, int8_path, shape, *, threads: int = 1, rounds: int = 3, seconds: float = 1.0,
-                 seed: int = 0, defaults_path=None) -> dict:
-    """Batch-1 latency of the FP32 and INT8 ONNX models measured alternately in one run (a busy machine slows
-    both alike); the speed-up is the ratio of the medians of the per-round p50s. ``defaults_path``: the INT8
-    model without the fallback's float layers, timed in the same rounds, so their cost is a measured ratio."""
+def side_by_side(fp32_path, int8_path, shape, *, threads: int = 1, seconds: float = 3.0, seed: int = 0,
+                 defaults_path=None) -> dict:
+    """Batch-1 latency of the FP32 and INT8 ONNX models in one run, alternated call by call (``alternated``);
+    the speed-up is the ratio of the medians. ``defaults_path``: the INT8 model without the fallback's float
+    layers, timed in the same alternation, so what those layers cost is a measured ratio too."""
     import os
 
     from exporters.onnx.runner import OnnxRuntimeRunner
 
     x = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
-    runners = {"fp32": OnnxRuntimeRunner(fp32_path, threads=threads), "int8": OnnxRuntimeRunner(int8_path, threads=threads)}
+    paths = {"fp32": fp32_path, "int8": int8_path}
     if defaults_path is not None:
-        runners["int8_defaults"] = OnnxRuntimeRunner(defaults_path, threads=threads)
-    p50 = {k: [] for k in runners}
-    for _ in range(rounds):
-        for k, r in runners.items():
-            p50[k].append(time_runs(lambda: r.run(x), 1, warmup=3, min_runs=10, min_seconds=seconds,
-                                    max_seconds=4 * seconds).p50_ms)
-    for r in runners.values():
-        r.close()
-    fp32, int8 = float(np.median(p50["fp32"])), float(np.median(p50["int8"]))
+        paths["int8_defaults"] = defaults_path
+    runners = {k: OnnxRuntimeRunner(p, threads=threads) for k, p in paths.items()}
+    try:
+        ms = alternated({k: (lambda r=r: r.run(x)) for k, r in runners.items()}, seconds=seconds, min_rounds=50)
+    finally:
+        for r in runners.values():
+            r.close()
+    fp32, int8 = ms["fp32"], ms["int8"]
     out = {}
     if defaults_path is not None:
-        d = float(np.median(p50["int8_defaults"]))
-        out = {"int8_without_fallback_p50_ms": round(d, 3), "speedup_without_fallback": round(fp32 / d, 3),
+        d = ms["int8_defaults"]
+        out = {"int8_without_fallback_p50_ms": round(d, 4), "speedup_without_fallback": round(fp32 / d, 3),
                "fallback_slowdown": round(int8 / d, 3)}
-    out.update({"fp32_p50_ms": round(fp32, 3), "int8_p50_ms": round(int8, 3), "speedup_vs_fp32": round(fp32 / int8, 3),
-                "threads": threads, "rounds": rounds, "batch": 1,
+    out.update({"fp32_p50_ms": round(fp32, 4), "int8_p50_ms": round(int8, 4), "speedup_vs_fp32": round(fp32 / int8, 3),
+                "threads": threads, "batch": 1, "seconds": seconds,
                 "fp32_bytes": os.path.getsize(fp32_path), "int8_bytes": os.path.getsize(int8_path),
                 "size_ratio": round(os.path.getsize(int8_path) / os.path.getsize(fp32_path), 3),
                 "machine": machine_description(),
-                "method": "FP32 and INT8 sessions timed alternately in the same process, median of per-round p50"})
+                "method": "FP32 and INT8 sessions alternated call by call in one process, median per call"})
     return out

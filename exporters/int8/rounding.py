@@ -22,7 +22,7 @@ solved per group. No library does this for Conv Q/DQ models (onnxruntime's GPTQ 
 weights of language models), hence the hand-written code here.
 
 The modified model is only the quantizer's input: parity is always judged against the original FP32
-model, and a layer the fallback keeps float gets its original weights back (``exporters.int8.onnx_space``).
+model, and a layer the fallback keeps float gets its original weights back (``exporters.int8.qdq.restore_originals``).
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ The result is checked by ``exporters.tensorrt.qdq_check`` before it is returned;
 TensorRT's parser would refuse) is a bug and raises.
 Calibration never writes into the current directory: the augmented model lives in a temporary folder.
 
-``quantize_trt`` is what the INT8 fallback loop calls repeatedly with growing ``nodes_to_exclude``; pass
-``info["ranges"]`` of the first call back as the calibration to re-quantize in seconds.
+``quantize_trt`` is what the INT8 fallback loop calls repeatedly with growing ``nodes_to_exclude``; it takes
+the activation ranges precomputed once by the engine (``calibration.ranges``), so a re-quantization takes seconds.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 RECIPE = "trt"
 OPSET = 17
-METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm")
 
 
