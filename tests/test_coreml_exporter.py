@@ -381,7 +381,7 @@ def test_mobilenet_v3_small_fp16_classifier_outputs(tmp_path):
 def test_zoo_arch_fp16(arch, tmp_path):
     """Every zoo arch (the focus nets and LeNet-5 are in the tests above) converts to an FP16 ML Program
     that holds the FP16 gate on the reference executor. Random-init nets are damped (edgecnn.weights), so
-    PyTorch's own FP16 of each is within the gate too; measured once per arch, see README (Core ML)."""
+    PyTorch's own FP16 of each is within the gate too (docs/coreml.md)."""
     entry, model, cs, x, ref = _prepared(arch)
     infos, _ = ce.export_coreml(model, entry.spec, tmp_path, precision="fp16", labels=zoo.labels_for(entry),
                                 variants=("tensor",))
